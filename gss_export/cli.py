@@ -1,0 +1,148 @@
+"""`gss-export`: a thin typer layer over `gss_export.export.export_model`."""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import GSSExportError, ValidationFailed
+
+console = Console(stderr=True)
+out = Console()
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class Conv(str, Enum):
+    auto = "auto"
+    direct = "direct"
+    fft = "fft"
+
+
+def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="state dict (.pt/.pth/.bin/.ckpt) or .safetensors of a GatedDsConvLM"),
+    format: Format = typer.Option(Format.onnx, "--format", "-f", help="artifact to produce"),
+    output: Path = typer.Option(..., "--output", "-o", help="output folder (created; replaced only by a validated export)"),
+    opset: int = typer.Option(18, help="ONNX opset, 17-23"),
+    conv: Conv = typer.Option(Conv.auto, help="convolution form; auto picks the measured fastest for the format"),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", min=1, help="longest sequence the artifact accepts (not stored in checkpoints)"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="compare the artifact with eager PyTorch"),
+    rtol: Optional[float] = typer.Option(None, help="relative tolerance (default from the tolerance table: 1e-4)"),
+    atol: Optional[float] = typer.Option(None, help="absolute tolerance (default 0)"),
+    batch_sizes: str = typer.Option("1,3", help="batch sizes to validate, e.g. 1,3"),
+    lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,64,65,100,127,128,129,1000 and the maximum)"),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),
+) -> None:
+    """Export a GatedDsConvLM checkpoint to ONNX or TorchScript, dynamic in batch and length, validated against eager PyTorch."""
+    from .checkpoint import load_checkpoint
+    from .export import export_model
+    from .tolerances import tolerance_for
+    from .validation import DEFAULT_BATCHES, DEFAULT_LENGTHS, default_shapes
+
+    batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
+    picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
+    loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle)
+    cfg = loaded.config
+    console.print(
+        f"[bold]{checkpoint}[/]: GatedDsConvLM num_tokens={cfg.num_tokens} dim={cfg.dim} depth={cfg.depth} "
+        f"heads={cfg.heads} dim_dsconv={cfg.dim_dsconv} dim_expansion_factor={cfg.dim_expansion_factor} max_seq_len={cfg.max_seq_len}"
+    )
+    for note in loaded.notes:
+        console.print(f"  [dim]{note}[/]")
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int, label: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=f"{stage}: {label}")
+
+        try:
+            result = export_model(
+                loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
+                tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
+                external_data=external_data, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
+                on_progress=on_progress,
+            )
+        except ValidationFailed as e:
+            bar.stop()
+            if e.report is not None:
+                _print_report(e.report)
+            raise
+    if result.report is not None:
+        _print_report(result.report)
+    settings = result.settings
+    detail = f"conv={settings['conv']}" + (f", opset {settings['opset']}" if "opset" in settings else "")
+    out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})")
+
+
+def _print_report(report) -> None:
+    table = Table(title=f"{report.artifact} vs {report.reference}", title_justify="left")
+    for name in ("batch", "length", "max abs error", "max rel error", ""):
+        table.add_column(name, justify="right")
+    for r in report.rows:
+        status = "[green]ok[/]" if r.passed else f"[red]FAIL[/] {r.error or ''}"
+        table.add_row(str(r.batch), str(r.length), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", status)
+    out.print(table)
+    worst_abs, worst_rel = report.worst
+    out.print(f"worst: abs {worst_abs:.2e}, rel {worst_rel:.2e} (tolerance rtol {report.tolerance.rtol:g}, atol {report.tolerance.atol:g})")
+    for failure in report.failures:
+        console.print(f"[red]x[/] {failure}")
+
+
+def run_cli(command, name: str) -> None:
+    """Run a typer command; `GSSExportError`s become one message and a non-zero exit, no traceback."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name=name)(command)
+    try:
+        app(standalone_mode=False, prog_name=name)
+    except GSSExportError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise SystemExit(e.exit_code)
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[red]aborted[/]")
+        raise SystemExit(130)
+    except Exception as e:  # click usage errors print themselves; anything else is a bug, shown briefly
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            raise SystemExit(e.exit_code)
+        if os.environ.get("GSS_EXPORT_DEBUG"):
+            raise
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n(set GSS_EXPORT_DEBUG=1 for the traceback)", highlight=False)
+        raise SystemExit(3)
+
+
+def main() -> None:
+    run_cli(export, "gss-export")
+
+
+if __name__ == "__main__":
+    main()

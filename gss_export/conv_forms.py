@@ -1,0 +1,115 @@
+"""Interchangeable forms of the causal convolution inside `EfficientDsConv`.
+
+Every form computes, for u of shape (b, n, h, d) and K of shape (b, n, h):
+
+    out[b, j, h, :] = sum_{m=0..j} u[b, m, h, :] * K[b, j - m, h]
+
+which is what upstream's `conv1d_fft(u, flip(K))` evaluates (rfft/irfft at
+`next_fast_len(2n-1)`, conj, roll, index_select). All forms take and return the
+same tensors, hold no parameters, and can be swapped on a loaded model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FORMS = ("direct", "fft")
+CHOICES = FORMS + ("auto",)
+
+# Chosen per export target from `benchmarks/conv_forms.py` (onnxruntime CPU
+# provider vs TorchScript, dim 512, depth 4, 2 threads): see README "Convolution forms".
+AUTO_FORM = {"onnx": "direct", "torchscript": "fft", "eager": "fft"}
+
+
+def resolve_form(form: str, target: str) -> str:
+    """Map `auto` to the measured best form for `target`; validate the name."""
+    if form == "auto":
+        return AUTO_FORM[target]
+    if form not in FORMS:
+        raise ValueError(f"unknown convolution form {form!r}; choose one of {', '.join(CHOICES)}")
+    return form
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1). Plain int loop so TorchScript keeps it dynamic."""
+    length = 1
+    while length < n:
+        length *= 2
+    return length
+
+
+def upstream_fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Upstream's own evaluation (scipy's next_fast_len, conj/roll/index_select): the reference."""
+    from gated_state_spaces_pytorch.dsconv import conv1d_fft
+
+    return conv1d_fft(u, torch.flip(K, dims=(1,)), dim=-3, weight_dim=-2)
+
+
+def direct_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Toeplitz form: T[b, h, j, m] = K[b, j - m, h] for j >= m, then T @ u. O(n^2 * h * d).
+
+    Only Gather, Where and MatMul in ONNX, so it runs at any opset on any provider.
+    u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
+    """
+    n = u.shape[1]
+    pos = torch.arange(n, device=u.device)
+    lag = pos.unsqueeze(1) - pos.unsqueeze(0)  # (n, n): j - m
+    kh = K.permute(0, 2, 1)  # (b, h, n)
+    toeplitz = kh[:, :, lag.clamp(min=0)]  # (b, h, n, n)
+    toeplitz = torch.where(lag >= 0, toeplitz, torch.zeros_like(toeplitz))
+    out = torch.matmul(toeplitz, u.permute(0, 2, 1, 3))  # (b, h, n, d)
+    return out.permute(0, 2, 1, 3)
+
+
+def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """FFT form at a power-of-two length >= 2n - 1: exact linear convolution, O(n log n).
+
+    Powers of two keep onnxruntime's DFT on its radix-2 path (its Bluestein path for
+    other lengths is slow and loses precision). u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
+    """
+    n = u.shape[1]
+    length = next_pow2(2 * n - 1)
+    fu = torch.fft.rfft(u, n=length, dim=1)
+    fk = torch.fft.rfft(K, n=length, dim=1)
+    return torch.fft.irfft(fu * fk.unsqueeze(-1), n=length, dim=1)[:, :n]
+
+
+# The exporter cannot keep a power-of-two FFT length symbolic (it would specialise
+# on n), so the FFT form reaches the exporter as one opaque op whose ONNX translation
+# (`onnx_fft.py`) computes the length inside the graph.
+@torch.library.custom_op("gss_export::fft_causal_conv", mutates_args=())
+def _fft_causal_conv_op(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    return fft_causal_conv(u, K)
+
+
+@_fft_causal_conv_op.register_fake
+def _(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(u)
+
+
+class DirectConv(nn.Module):
+    """`direct_causal_conv` as a module. forward(u: (b,n,h,d), K: (b,n,h)) -> (b,n,h,d)."""
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        return direct_causal_conv(u, K)
+
+
+class FFTConv(nn.Module):
+    """`fft_causal_conv` as a module. forward(u: (b,n,h,d), K: (b,n,h)) -> (b,n,h,d)."""
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return fft_causal_conv(u, K)
+        return torch.ops.gss_export.fft_causal_conv(u, K)
+
+
+class UpstreamConv(nn.Module):
+    """Upstream's FFT evaluation, for checking the others; not exportable."""
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        return upstream_fft_conv(u, K)
+
+
+def make_conv(form: str) -> nn.Module:
+    """A fresh conv module for a concrete form name (`direct`, `fft` or `upstream`)."""
+    return {"direct": DirectConv, "fft": FFTConv, "upstream": UpstreamConv}[form]()

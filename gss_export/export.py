@@ -1,0 +1,95 @@
+"""One export end to end: build the artifact, validate it, publish it with its config.json.
+
+The library returns values and raises `GSSExportError`s; it prints nothing (the CLI does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import onnx_export, torchscript_export
+from .artifacts import CONFIG_NAME, staged_output, write_json
+from .errors import ValidationFailed
+from .model import GatedDsConvLM
+from .tolerances import Tolerance, tolerance_for
+from .validation import ValidationReport, default_shapes, validate_onnx, validate_torchscript
+
+FORMATS = ("onnx", "torchscript")
+
+# (stage, done, total, label): stage is "export" or "validate"
+StageProgress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str]
+    settings: dict
+    report: ValidationReport | None
+    notes: list[str] = field(default_factory=list)
+
+
+def export_model(
+    model: GatedDsConvLM,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    conv: str = "auto",
+    opset: int = onnx_export.DEFAULT_OPSET,
+    validate: bool = True,
+    tolerance: Tolerance | None = None,
+    shapes: Sequence[tuple[int, int]] | None = None,
+    external_data: bool | None = None,
+    source: dict | None = None,
+    on_progress: StageProgress | None = None,
+) -> ExportResult:
+    """Export `model` as `fmt` into `out_dir`; raises ValidationFailed (with `.report`) on a mismatch.
+
+    Nothing in `out_dir` changes unless the export and its validation both succeed.
+    """
+    progress = on_progress or (lambda *_: None)
+    tolerance = tolerance or tolerance_for(fmt)
+    shapes = list(shapes) if shapes is not None else default_shapes(model.config.max_seq_len)
+    config = model.config.to_dict()
+    report = None
+    with staged_output(out_dir) as staging:
+        progress("export", 0, 1, f"building {fmt}")
+        if fmt == "onnx":
+            settings = onnx_export.export_settings(model, conv=conv, opset=opset)
+            proto = onnx_export.build_onnx(model, conv=conv, opset=opset)
+            onnx_export.annotate(proto, {
+                "model": config, "export": settings,
+                "inputs": onnx_export.INPUTS, "outputs": onnx_export.outputs_spec(model.config.num_tokens),
+            })
+            path = staging / settings["file"]
+            onnx_export.save_onnx(proto, path, external_data)
+            validator = validate_onnx
+        elif fmt == "torchscript":
+            settings = torchscript_export.export_settings(model, conv=conv)
+            path = staging / settings["file"]
+            torchscript_export.save_torchscript(
+                torchscript_export.build_torchscript(model, conv=conv), path, {"model": config, "export": settings}
+            )
+            validator = validate_torchscript
+        else:
+            raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        progress("export", 1, 1, f"built {path.name}")
+
+        if validate:
+            report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
+            if not report.ok:
+                raise ValidationFailed(
+                    f"{fmt} export disagrees with eager PyTorch in {len(report.failures)} check(s); "
+                    f"nothing was written to {out_dir}", report=report,
+                )
+        write_json(staging / CONFIG_NAME, {
+            "model": config,
+            "export": settings,
+            "inputs": onnx_export.INPUTS,
+            "outputs": onnx_export.outputs_spec(model.config.num_tokens),
+            "source": source or {},
+            "validation": report.to_dict() if report else None,
+        })
+        files = sorted(p.name for p in staging.iterdir())
+    return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report)

@@ -1,0 +1,139 @@
+"""Export to ONNX: `input_ids` int64 [batch, sequence] -> `logits` float32 [batch, sequence, num_tokens]."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from . import __version__
+from .conv_forms import resolve_form
+from .errors import GSSExportError
+from .model import GatedDsConvLM
+from .onnx_fft import fft_conv_translation
+
+DEFAULT_OPSET = 18
+# torch's dynamo exporter builds at opset 18 at least and converts down from there
+BUILD_MIN_OPSET = 18
+SUPPORTED_OPSETS = range(17, 24)
+# protobuf cannot hold a single message over 2 GiB: larger weights go to external data
+INLINE_LIMIT_BYTES = 1_800_000_000
+
+INPUTS = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
+
+
+def outputs_spec(num_tokens: int) -> list[dict]:
+    return [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", num_tokens]}]
+
+
+def export_settings(model: GatedDsConvLM, *, conv: str, opset: int) -> dict:
+    return {
+        "format": "onnx",
+        "file": "model.onnx",
+        "conv": resolve_form(conv, "onnx"),
+        "conv_requested": conv,
+        "opset": opset,
+        "dtype": "float32",
+        "gss_export_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+    }
+
+
+def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace `model` (any form; weights are reused) under the chosen conv form into an ONNX model.
+
+    Batch and sequence axes stay symbolic; sequence is bounded by `config.max_seq_len`.
+    """
+    if opset not in SUPPORTED_OPSETS:
+        raise GSSExportError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
+    form = resolve_form(conv, "onnx")
+    target = model.with_conv(form)
+    cfg = model.config
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    seq = torch.export.Dim("sequence", min=1, max=cfg.max_seq_len)
+    # an example of length >= 2 and batch >= 2 so neither axis is specialised to 1
+    example = torch.zeros(2, min(9, cfg.max_seq_len) if cfg.max_seq_len > 1 else 2, dtype=torch.long)
+    if cfg.max_seq_len == 1:
+        seq = None
+    translation = {torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(max(opset, BUILD_MIN_OPSET))}
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            target,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq} if seq is not None else {0: batch}},
+            custom_translation_table=translation,
+            verbose=False,
+        )
+    proto = program.model_proto
+    # Inferred intermediate shapes can be wrong when DFT's length is computed in-graph
+    # (onnxruntime then fails with "Shape mismatch attempting to re-use buffer" at opset 20).
+    del proto.graph.value_info[:]
+    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:
+        raise GSSExportError(f"the exporter could not produce opset {opset} (it gave {got}); try --opset {got}")
+    _rename_symbolic_dims(proto, num_tokens=cfg.num_tokens)
+    return proto
+
+
+def annotate(proto: onnx.ModelProto, metadata: dict) -> None:
+    """Store the configuration and export settings in the model's metadata_props (JSON values)."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key = f"gss_export.{key}"
+        entry.value = json.dumps(value)
+    proto.producer_name = "gss-export"
+    proto.producer_version = __version__
+    proto.doc_string = "GatedDsConvLM: input_ids int64 [batch, sequence] -> logits float32 [batch, sequence, num_tokens]"
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
+    """Weights inline unless too big for protobuf (or `external_data=True`): then `model.onnx.data` beside it."""
+    if external_data is None:
+        external_data = proto.ByteSize() > INLINE_LIMIT_BYTES
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=external_data,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def _rename_symbolic_dims(proto: onnx.ModelProto, *, num_tokens: int) -> None:
+    """Give the graph's inputs and outputs the documented axis names."""
+    (inp,) = proto.graph.input
+    (out,) = proto.graph.output
+    for value, names in ((inp, ["batch", "sequence"]), (out, ["batch", "sequence", None])):
+        for dim, name in zip(value.type.tensor_type.shape.dim, names):
+            if name is not None:
+                dim.dim_param = name
+            else:
+                dim.dim_value = num_tokens
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress and warnings of its own; the library reports through return values."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -1,0 +1,172 @@
+"""Run an exported artifact against eager PyTorch: names, then shapes, then values.
+
+Every failure is collected and reported together. The reference is the upstream package's
+eager model (gated-state-spaces-pytorch) when installed, else this package's eager model
+under the torch.fft form (the report names which).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .model import GatedDsConvLM
+from .tolerances import Tolerance
+
+DEFAULT_BATCHES = (1, 3)
+# both sides of the FFT form's power-of-two boundaries (2n-1 crosses 128 at n=64/65, 256 at 128/129)
+DEFAULT_LENGTHS = (1, 2, 7, 64, 65, 100, 127, 128, 129, 1000)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ShapeCheck:
+    batch: int
+    length: int
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    passed: bool = False
+    error: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    artifact: str
+    reference: str
+    tolerance: Tolerance
+    rows: list[ShapeCheck] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst(self) -> tuple[float, float]:
+        done = [r for r in self.rows if r.error is None]
+        return (max((r.max_abs for r in done), default=float("nan")), max((r.max_rel for r in done), default=float("nan")))
+
+    def to_dict(self) -> dict:
+        return {
+            "artifact": self.artifact,
+            "reference": self.reference,
+            "tolerance": asdict(self.tolerance),
+            "ok": self.ok,
+            "rows": [asdict(r) for r in self.rows],
+            "failures": self.failures,
+        }
+
+
+def default_shapes(max_seq_len: int, batches: Sequence[int] = DEFAULT_BATCHES, lengths: Sequence[int] = DEFAULT_LENGTHS) -> list[tuple[int, int]]:
+    """(batch, length) pairs: the given lengths that fit, plus the maximum length."""
+    picked = sorted({n for n in lengths if 1 <= n <= max_seq_len} | {max_seq_len})
+    return [(b, n) for b in batches for n in picked]
+
+
+def eager_reference(model: GatedDsConvLM) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """A float32 eager forward to compare against, and its name."""
+    try:
+        from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
+    except ImportError:
+        return model.with_conv("fft"), "gss_export eager (torch.fft form; upstream package not installed)"
+    c = model.config
+    upstream = Upstream(
+        num_tokens=c.num_tokens, dim=c.dim, depth=c.depth, heads=c.heads, dim_dsconv=c.dim_dsconv,
+        max_seq_len=c.max_seq_len, dim_expansion_factor=c.dim_expansion_factor,
+    )
+    upstream.load_state_dict(model.state_dict(), strict=True)
+    return upstream.eval(), "gated-state-spaces-pytorch eager (upstream)"
+
+
+def compare(
+    run: Callable[[np.ndarray], np.ndarray],
+    model: GatedDsConvLM,
+    shapes: Sequence[tuple[int, int]],
+    tolerance: Tolerance,
+    report: ValidationReport,
+    on_progress: Progress | None = None,
+) -> ValidationReport:
+    """Values (and output shapes) of `run` against eager at each (batch, length)."""
+    reference, report.reference = eager_reference(model)
+    rng = np.random.default_rng(0)
+    num_tokens = model.config.num_tokens
+    for i, (b, n) in enumerate(shapes):
+        if on_progress:
+            on_progress(i, len(shapes), f"batch {b}, length {n}")
+        ids = rng.integers(0, num_tokens, size=(b, n), dtype=np.int64)
+        row = ShapeCheck(batch=b, length=n)
+        report.rows.append(row)
+        try:
+            got = np.asarray(run(ids))
+        except Exception as e:  # an artifact that fails to run is a finding, not a crash
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            report.failures.append(f"batch {b}, length {n}: the artifact failed to run: {row.error}")
+            continue
+        if got.shape != (b, n, num_tokens):
+            row.error = f"shape {got.shape}"
+            report.failures.append(f"batch {b}, length {n}: logits shape {got.shape}, expected {(b, n, num_tokens)}")
+            continue
+        with torch.no_grad():
+            want = reference(torch.from_numpy(ids)).numpy()
+        diff = np.abs(got.astype(np.float64) - want)
+        ref_max = float(np.abs(want).max())
+        row.max_abs = float(diff.max())
+        row.max_rel = row.max_abs / max(ref_max, 1e-30)
+        row.passed = bool(np.isfinite(diff).all()) and tolerance.passes(row.max_abs, ref_max)
+        if not row.passed:
+            report.failures.append(
+                f"batch {b}, length {n}: max abs error {row.max_abs:.3g}, rel {row.max_rel:.3g} "
+                f"exceeds rtol {tolerance.rtol:g} / atol {tolerance.atol:g}"
+            )
+    if on_progress:
+        on_progress(len(shapes), len(shapes), "done")
+    return report
+
+
+def validate_onnx(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """Open `path` with onnxruntime's CPU provider; check names, metadata, then values."""
+    import onnxruntime as ort
+
+    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expect = [("input", inputs, "input_ids", "tensor(int64)", 2), ("output", outputs, "logits", "tensor(float)", 3)]
+    for kind, values, name, dtype, rank in expect:
+        if [v.name for v in values] != [name]:
+            report.failures.append(f"{kind} names {[v.name for v in values]}, expected [{name!r}]")
+            continue
+        (value,) = values
+        if value.type != dtype:
+            report.failures.append(f"{kind} {name!r} has type {value.type}, expected {dtype}")
+        if len(value.shape) != rank or not all(isinstance(d, str) for d in value.shape[:2]):
+            report.failures.append(f"{kind} {name!r} has shape {value.shape}: expected rank {rank} with symbolic batch and sequence")
+    meta = session.get_modelmeta().custom_metadata_map
+    stored = json.loads(meta.get("gss_export.model", "null"))
+    if stored != model.config.to_dict():
+        report.failures.append(f"metadata gss_export.model is {stored}, expected {model.config.to_dict()}")
+    if report.failures:  # names are wrong: values would only repeat the finding
+        return report
+    return compare(lambda ids: session.run(["logits"], {"input_ids": ids})[0], model, shapes, tolerance, report, on_progress)
+
+
+def validate_torchscript(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """Load `path` with torch.jit.load; check its forward signature, then values."""
+    from .torchscript_export import load_torchscript
+
+    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
+    scripted = load_torchscript(path)
+    args = [a.name for a in scripted.forward.schema.arguments][1:]
+    if args != ["input_ids"]:
+        report.failures.append(f"forward arguments {args}, expected ['input_ids']")
+        return report
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return scripted(torch.from_numpy(ids)).numpy()
+
+    return compare(run, model, shapes, tolerance, report, on_progress)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small upstream model with random weights and its reference logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gss_export.model import GatedDsConvLM, GSSConfig
+
+# small enough for CI, big enough to have several heads and layers
+SMALL = dict(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=32, dim_expansion_factor=2)
+MAX_LEN = 2048
+# the issue's lengths: 1, 2, non-powers of two, both sides of 128, and the maximum
+LENGTHS = (1, 2, 7, 100, 127, 128, 129, 1000, MAX_LEN)
+BATCHES = (1, 3)
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    """The upstream eager model (the reference), random weights."""
+    from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
+
+    torch.manual_seed(1234)
+    return Upstream(**SMALL, max_seq_len=MAX_LEN).eval()
+
+
+@pytest.fixture(scope="session")
+def ours(upstream) -> GatedDsConvLM:
+    """Our model carrying the upstream weights, loaded with strict=True."""
+    model = GatedDsConvLM(GSSConfig(**SMALL, max_seq_len=MAX_LEN))
+    model.load_state_dict(upstream.state_dict(), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def reference(upstream):
+    """{(batch, length): (input_ids, upstream logits)} for every test shape."""
+    rng = np.random.default_rng(7)
+    table = {}
+    for b in BATCHES:
+        for n in LENGTHS:
+            ids = rng.integers(0, SMALL["num_tokens"], size=(b, n), dtype=np.int64)
+            with torch.no_grad():
+                table[(b, n)] = (ids, upstream(torch.from_numpy(ids)).numpy())
+    return table
+
+
+def max_errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max abs error / max |want|)."""
+    diff = float(np.abs(got.astype(np.float64) - want).max())
+    return diff, diff / float(np.abs(want).max())
