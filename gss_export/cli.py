@@ -1,7 +1,6 @@
 """`gss-export`: a thin typer layer over `gss_export.export.export_model`."""
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from gss_runtime.cli_support import run_cli
 
 from .errors import GSSExportError, ValidationFailed
 
@@ -110,38 +111,16 @@ def _print_report(report) -> None:
     out.print(table)
     worst_abs, worst_rel = report.worst
     out.print(f"worst: abs {worst_abs:.2e}, rel {worst_rel:.2e} (tolerance rtol {report.tolerance.rtol:g}, atol {report.tolerance.atol:g})")
-    for failure in report.failures:
-        console.print(f"[red]x[/] {failure}")
-
-
-def run_cli(command, name: str) -> None:
-    """Run a typer command; `GSSExportError`s become one message and a non-zero exit, no traceback."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command(name=name)(command)
-    try:
-        app(standalone_mode=False, prog_name=name)
-    except GSSExportError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise SystemExit(e.exit_code)
-    except typer.Exit as e:
-        raise SystemExit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("[red]aborted[/]")
-        raise SystemExit(130)
-    except Exception as e:  # click usage errors print themselves; anything else is a bug, shown briefly
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            raise SystemExit(e.exit_code)
-        if os.environ.get("GSS_EXPORT_DEBUG"):
-            raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n(set GSS_EXPORT_DEBUG=1 for the traceback)", highlight=False)
-        raise SystemExit(3)
+    # the table already shows failing shapes; list the rest (names, metadata, crashes) briefly
+    shown = [f for f in report.failures if not f.startswith("batch ")] or report.failures
+    for failure in shown[:5]:
+        console.print(f"[red]x[/] {failure}", highlight=False)
+    if len(shown) > 5:
+        console.print(f"  ... and {len(shown) - 5} more")
 
 
 def main() -> None:
-    run_cli(export, "gss-export")
+    run_cli(export, "gss-export", (GSSExportError,), "GSS_EXPORT_DEBUG")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def export_model(
 
         if validate:
             report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
+            report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder
             if not report.ok:
                 raise ValidationFailed(
                     f"{fmt} export disagrees with eager PyTorch in {len(report.failures)} check(s); "

@@ -111,6 +111,8 @@ class GatedDsConvLM(nn.Module):
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.max_seq_len:  # upstream asserts the same
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.max_seq_len}")
         x = self.token_emb(input_ids)
         for layer in self.layers:
             x = layer(x)

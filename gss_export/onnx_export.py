@@ -55,12 +55,12 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     form = resolve_form(conv, "onnx")
     target = model.with_conv(form)
     cfg = model.config
+    if cfg.max_seq_len < 2:
+        raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     seq = torch.export.Dim("sequence", min=1, max=cfg.max_seq_len)
-    # an example of length >= 2 and batch >= 2 so neither axis is specialised to 1
-    example = torch.zeros(2, min(9, cfg.max_seq_len) if cfg.max_seq_len > 1 else 2, dtype=torch.long)
-    if cfg.max_seq_len == 1:
-        seq = None
+    # an example with batch and length >= 2 so neither axis is specialised to 1
+    example = torch.zeros(2, min(9, cfg.max_seq_len), dtype=torch.long)
     translation = {torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(max(opset, BUILD_MIN_OPSET))}
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -70,7 +70,7 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
             opset_version=opset,
             input_names=["input_ids"],
             output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq} if seq is not None else {0: batch}},
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
             custom_translation_table=translation,
             verbose=False,
         )
