@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .conv_forms import MODEL_FORMS
 from .errors import CheckpointError
 from .model import GatedDsConvLM, GSSConfig
 
 NEST_KEYS = ("model", "state_dict", "model_state_dict", "module")
 # AutoregressiveWrapper, DDP, torch.compile, and Lightning's usual `self.model` attribute
 PREFIXES = ("net.", "module.", "_orig_mod.", "model.")
-CONV_FORMS = ("fft", "direct", "upstream")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _TOP_KEYS = ("token_emb.weight", "to_logits.weight")
 _MAX_LIST = 12  # keys listed per category before "... and N more"
@@ -256,8 +256,8 @@ def _problems(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) ->
 
 def load_checkpoint(path, *, max_seq_len: int = 2048, conv: str = "fft", trust_pickle: bool = False) -> LoadedCheckpoint:
     """Read `path`, infer the config from its shapes, and return the model (eval mode) with `strict=True` loading."""
-    if conv not in CONV_FORMS:
-        raise CheckpointError(f"unknown convolution form {conv!r}; choose one of {', '.join(CONV_FORMS)}")
+    if conv not in MODEL_FORMS:
+        raise CheckpointError(f"unknown convolution form {conv!r}; choose one of {', '.join(MODEL_FORMS)}")
     sd, notes = read_state_dict(path, trust_pickle=trust_pickle)
     config = infer_config(sd, max_seq_len=max_seq_len)
     # Built on the meta device: no random init to throw away; the checkpoint's tensors are assigned in.

@@ -15,6 +15,8 @@ from torch import nn
 
 FORMS = ("direct", "fft")
 CHOICES = FORMS + ("auto",)
+# forms a model can be built with: the exportable ones plus upstream's own FFT code (eager only)
+MODEL_FORMS = FORMS + ("upstream",)
 
 # Chosen per export target from `benchmarks/conv_forms.py` (onnxruntime CPU
 # provider vs TorchScript, dim 512, depth 4, 2 threads): see README "Convolution forms".
@@ -74,6 +76,23 @@ def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(fu * fk.unsqueeze(-1), n=length, dim=1)[:, :n]
 
 
+def causal_conv_at(u: torch.Tensor, K: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The convolution at chosen absolute positions only, for incremental decoding.
+
+    u: (b, C, h, d) and K: (b, C, h) hold positions 0..C-1 of each row; positions: (b, t) int64.
+    out[b, i] = sum_{m=0..p} u[b, m] * K[b, p - m] with p = positions[b, i]: O(t * C * h * d).
+    Entries of u and K past a row's p are never read, so rows of a ragged batch may hold
+    anything there. Returns (b, t, h, d).
+    """
+    C = u.shape[1]
+    lag = positions.unsqueeze(-1) - torch.arange(C, device=u.device)  # (b, t, C): p - m
+    idx = lag.clamp(min=0, max=C - 1).unsqueeze(-1).expand(-1, -1, -1, K.shape[2])  # (b, t, C, h)
+    taps = torch.gather(K.unsqueeze(1).expand(-1, lag.shape[1], -1, -1), 2, idx)  # K[b, p - m, h]
+    taps = torch.where((lag >= 0).unsqueeze(-1), taps, torch.zeros_like(taps))
+    out = torch.matmul(taps.permute(0, 3, 1, 2), u.permute(0, 2, 1, 3))  # (b, h, t, d)
+    return out.permute(0, 2, 1, 3)
+
+
 # The exporter cannot keep a power-of-two FFT length symbolic (it would specialise
 # on n), so the FFT form reaches the exporter as one opaque op whose ONNX translation
 # (`onnx_fft.py`) computes the length inside the graph.
@@ -85,6 +104,19 @@ def _fft_causal_conv_op(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 @_fft_causal_conv_op.register_fake
 def _(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(u)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    # gradients of the plain function, so a model under this form trains like any other
+    _, vjp = torch.func.vjp(fft_causal_conv, *ctx.saved_tensors)
+    return vjp(grad)
+
+
+_fft_causal_conv_op.register_autograd(_backward, setup_context=_save_inputs)
 
 
 class DirectConv(nn.Module):

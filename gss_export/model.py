@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .conv_forms import make_conv
+from .conv_forms import causal_conv_at, make_conv
+
+
+def _write_at(past: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """past (b, C, f) grown by t slots, new (b, t, f) written at positions (b, t): a new tensor."""
+    grown = torch.cat([past, torch.zeros_like(new)], dim=1)
+    return grown.scatter(1, positions.unsqueeze(-1).expand(-1, -1, new.shape[2]), new)
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,36 @@ class EfficientDsConv(nn.Module):
         self.param_D = nn.Parameter(torch.randn(dim))
         self.conv = make_conv(conv)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (b, n, dim) -> conv inputs u (b, n, dim) and kernel values K (b, n, heads).
+
+        Both depend on their own position only: the kernel value at lag t comes from position t.
+        """
+        return self.norm(x), self.to_weight(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, n, dim) -> (b, n, dim)"""
         b, n, dim = x.shape
-        u = self.norm(x)
-        K = self.to_weight(x)  # (b, n, heads): kernel value at lag t comes from position t
+        u, K = self.project(x)
         out = self.conv(u.reshape(b, n, self.heads, dim // self.heads), K)
         return out.reshape(b, n, dim) + u * self.param_D
+
+    def step(
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New positions given the conv inputs and kernel values seen so far; returns new state.
+
+        x: (b, t, dim) at absolute positions `positions` (b, t); u_past: (b, C, dim); k_past: (b, C, heads).
+        Returns out (b, t, dim), u_state (b, C + t, dim), k_state (b, C + t, heads) with the new
+        entries written at their positions (a row behind the others overwrites what its padding left).
+        """
+        b, t, dim = x.shape
+        u, K = self.project(x)
+        u_state = _write_at(u_past, u, positions)
+        k_state = _write_at(k_past, K, positions)
+        heads = self.heads
+        out = causal_conv_at(u_state.reshape(b, -1, heads, dim // heads), k_state, positions)
+        return out.reshape(b, t, dim) + u * self.param_D, u_state, k_state
 
 
 class GatedDsConv(nn.Module):
@@ -83,10 +112,24 @@ class GatedDsConv(nn.Module):
         if self.reverse_seq:
             x = torch.flip(x, dims=(1,))
         h = self.norm(x)
-        out = self.to_out(self.to_gate(self.dsconv(self.to_v(h))) * self.to_u(h)) + x
+        out = self.gated_output(h, self.dsconv(self.to_v(h)), x)
         if self.reverse_seq:
             out = torch.flip(out, dims=(1,))
         return out
+
+    def step(
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for new positions only (see `EfficientDsConv.step`); x: (b, t, dim)."""
+        if self.reverse_seq:
+            raise ValueError("a reverse_seq layer sees the future: it has no incremental form")
+        h = self.norm(x)
+        conv, u_state, k_state = self.dsconv.step(self.to_v(h), u_past, k_past, positions)
+        return self.gated_output(h, conv, x), u_state, k_state
+
+    def gated_output(self, h: torch.Tensor, conv: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The per-position part after the convolution; shared by forward and step."""
+        return self.to_out(self.to_gate(conv) * self.to_u(h)) + residual
 
 
 class GatedDsConvLM(nn.Module):
@@ -118,8 +161,34 @@ class GatedDsConvLM(nn.Module):
             x = layer(x)
         return self.to_logits(x)
 
+    def step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, conv_u: torch.Tensor, conv_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode new tokens given the state of the tokens before them; returns new state, mutates nothing.
+
+        input_ids: (b, t) int64; positions: (b,) int64, the absolute position of each row's first new
+        token (how many of its tokens the state holds); conv_u: (depth, b, C, dim_dsconv) normalised
+        conv inputs; conv_k: (depth, b, C, heads) kernel values. An empty state has C = 0.
+        Returns logits (b, t, num_tokens), conv_u (depth, b, C + t, dim_dsconv), conv_k (depth, b, C + t, heads).
+        """
+        t = input_ids.shape[1]
+        pos = positions.unsqueeze(1) + torch.arange(t, device=input_ids.device)  # (b, t)
+        x = self.token_emb(input_ids)
+        us, ks = [], []
+        for i, layer in enumerate(self.layers):
+            x, u, k = layer.step(x, conv_u[i], conv_k[i], pos)
+            us.append(u)
+            ks.append(k)
+        return self.to_logits(x), torch.stack(us), torch.stack(ks)
+
+    def empty_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state before any token: conv_u (depth, batch, 0, dim_dsconv), conv_k (depth, batch, 0, heads)."""
+        c = self.config
+        return torch.zeros(c.depth, batch, 0, c.dim_dsconv), torch.zeros(c.depth, batch, 0, c.heads)
+
     def with_conv(self, conv: str) -> "GatedDsConvLM":
         """The same weights (shared, not copied) under another convolution form."""
-        other = GatedDsConvLM(self.config, conv=conv)
+        with torch.device("meta"):  # no random init to throw away
+            other = GatedDsConvLM(self.config, conv=conv)
         other.load_state_dict(self.state_dict(), strict=True, assign=True)
         return other.eval()
