@@ -54,6 +54,7 @@ def export(
     batch_sizes: str = typer.Option("1,3", help="batch sizes to validate, e.g. 1,3"),
     lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,64,65,100,127,128,129,1000 and the maximum)"),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="ONNX: also write decoder.onnx, the decoder with state for generation"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),
 ) -> None:
     """Export a GatedDsConvLM checkpoint to ONNX or TorchScript, dynamic in batch and length, validated against eager PyTorch."""
@@ -86,7 +87,7 @@ def export(
             result = export_model(
                 loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
                 tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
-                external_data=external_data, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
+                external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
                 on_progress=on_progress,
             )
         except ValidationFailed as e:
@@ -94,20 +95,23 @@ def export(
             if e.report is not None:
                 _print_report(e.report)
             raise
-    if result.report is not None:
-        _print_report(result.report)
+    for report in (result.report, result.decoder_report):
+        if report is not None:
+            _print_report(report)
     settings = result.settings
     detail = f"conv={settings['conv']}" + (f", opset {settings['opset']}" if "opset" in settings else "")
-    out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})")
+    out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})", highlight=False)
 
 
 def _print_report(report) -> None:
     table = Table(title=f"{report.artifact} vs {report.reference}", title_justify="left")
-    for name in ("batch", "length", "max abs error", "max rel error", ""):
-        table.add_column(name, justify="right")
+    cases = any(r.case for r in report.rows)  # the decoder's rows are named cases
+    for name in (("case",) if cases else ()) + ("batch", "length", "max abs error", "max rel error", ""):
+        table.add_column(name, justify="left" if name == "case" else "right")
     for r in report.rows:
         status = "[green]ok[/]" if r.passed else f"[red]FAIL[/] {r.error or ''}"
-        table.add_row(str(r.batch), str(r.length), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", status)
+        cells = [str(r.batch), str(r.length), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", status]
+        table.add_row(*(([r.case] if cases else []) + cells))
     out.print(table)
     worst_abs, worst_rel = report.worst
     out.print(f"worst: abs {worst_abs:.2e}, rel {worst_rel:.2e} (tolerance rtol {report.tolerance.rtol:g}, atol {report.tolerance.atol:g})")

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import onnx_export, torchscript_export
+from . import decoder_export, onnx_export, torchscript_export
 from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import ValidationFailed
 from .model import GatedDsConvLM
 from .tolerances import Tolerance, tolerance_for
-from .validation import ValidationReport, default_shapes, validate_onnx, validate_torchscript
+from .validation import ValidationReport, default_shapes, validate_decoder, validate_onnx, validate_torchscript
 
 FORMATS = ("onnx", "torchscript")
 
@@ -27,6 +27,7 @@ class ExportResult:
     files: list[str]
     settings: dict
     report: ValidationReport | None
+    decoder_report: ValidationReport | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -41,18 +42,20 @@ def export_model(
     tolerance: Tolerance | None = None,
     shapes: Sequence[tuple[int, int]] | None = None,
     external_data: bool | None = None,
+    decoder: bool = True,
     source: dict | None = None,
     on_progress: StageProgress | None = None,
 ) -> ExportResult:
     """Export `model` as `fmt` into `out_dir`; raises ValidationFailed (with `.report`) on a mismatch.
 
+    ONNX also writes the decoder with state (`decoder.onnx`) unless `decoder=False`.
     Nothing in `out_dir` changes unless the export and its validation both succeed.
     """
     progress = on_progress or (lambda *_: None)
     tolerance = tolerance or tolerance_for(fmt)
     shapes = list(shapes) if shapes is not None else default_shapes(model.config.max_seq_len)
     config = model.config.to_dict()
-    report = None
+    report = decoder_report = None
     with staged_output(out_dir) as staging:
         progress("export", 0, 1, f"building {fmt}")
         if fmt == "onnx":
@@ -65,6 +68,13 @@ def export_model(
             path = staging / settings["file"]
             onnx_export.save_onnx(proto, path, external_data)
             validator = validate_onnx
+            if decoder:
+                progress("export", 0, 1, "building the decoder with state")
+                io = decoder_export.decoder_io(model)
+                dec = decoder_export.build_decoder(model, opset=opset)
+                onnx_export.annotate(dec, {"model": config, "export": {**settings, "file": decoder_export.FILE, "conv": "direct at positions"}, **io})
+                onnx_export.save_onnx(dec, staging / decoder_export.FILE, external_data)
+                settings["decoder"] = {"file": decoder_export.FILE, **io}
         elif fmt == "torchscript":
             settings = torchscript_export.export_settings(model, conv=conv)
             path = staging / settings["file"]
@@ -79,11 +89,15 @@ def export_model(
         if validate:
             report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
             report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder
-            if not report.ok:
-                raise ValidationFailed(
-                    f"{fmt} export disagrees with eager PyTorch in {len(report.failures)} check(s); "
-                    f"nothing was written to {out_dir}", report=report,
-                )
+            if fmt == "onnx" and decoder and report.ok:
+                decoder_report = validate_decoder(staging, model, tolerance, lambda i, n, label: progress("decoder", i, n, label))
+                decoder_report.artifact = str(Path(out_dir) / decoder_export.FILE)
+            for checked in (report, decoder_report):
+                if checked is not None and not checked.ok:
+                    raise ValidationFailed(
+                        f"{Path(checked.artifact).name} disagrees with eager PyTorch in {len(checked.failures)} check(s); "
+                        f"nothing was written to {out_dir}", report=checked,
+                    )
         write_json(staging / CONFIG_NAME, {
             "model": config,
             "export": settings,
@@ -91,6 +105,7 @@ def export_model(
             "outputs": onnx_export.outputs_spec(model.config.num_tokens),
             "source": source or {},
             "validation": report.to_dict() if report else None,
+            "decoder_validation": decoder_report.to_dict() if decoder_report else None,
         })
         files = sorted(p.name for p in staging.iterdir())
-    return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report)
+    return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report, decoder_report=decoder_report)

@@ -32,6 +32,7 @@ class ShapeCheck:
     max_rel: float = float("nan")
     passed: bool = False
     error: str | None = None
+    case: str = ""
 
 
 @dataclass
@@ -170,3 +171,59 @@ def validate_torchscript(path: Path, model: GatedDsConvLM, shapes, tolerance: To
             return scripted(torch.from_numpy(ids)).numpy()
 
     return compare(run, model, shapes, tolerance, report, on_progress)
+
+
+def decoder_cases(max_seq_len: int) -> list[tuple[str, list[int], int]]:
+    """(name, prompt lengths, steps): one token, a batch crossing 128, a ragged batch, the last positions."""
+    cases = [("1 token + steps", [1], 8), ("batch 3 across 128", [100, 100, 100], 30), ("ragged 7/65/129", [7, 65, 129], 5)]
+    cases = [(name, [min(n, max_seq_len - 1) for n in lens], min(steps, max_seq_len - max(lens))) for name, lens, steps in cases]
+    return [c for c in cases if c[2] >= 1] + [("up to max_seq_len", [max_seq_len - 3, 2], 3)]
+
+
+def validate_decoder(folder: Path, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """The decoder with state, driven by the runtime, against eager full forwards at every position.
+
+    Each case prefills right-padded prompts, then feeds one token per step; each row's logits
+    at all its positions must equal the eager forward of that row's whole sequence.
+    """
+    from gss_runtime.decoder import Decoder
+
+    decoder = Decoder(folder, provider="cpu")
+    reference, name = eager_reference(model)
+    report = ValidationReport(artifact=str(decoder.path), reference=name, tolerance=tolerance)
+    rng = np.random.default_rng(1)
+    cases = decoder_cases(model.config.max_seq_len)
+    for i, (case, lengths, steps) in enumerate(cases):
+        if on_progress:
+            on_progress(i, len(cases), case)
+        seqs = [rng.integers(0, model.config.num_tokens, size=n + steps) for n in lengths]
+        row = ShapeCheck(batch=len(lengths), length=max(lengths) + steps, case=case)
+        report.rows.append(row)
+        try:
+            padded = np.zeros((len(seqs), max(lengths)), np.int64)
+            for r, (seq, n) in enumerate(zip(seqs, lengths)):
+                padded[r, :n] = seq[:n]
+            logits, state = decoder.feed(padded, decoder.empty_state(len(seqs)))
+            state = type(state)(state.conv_u, state.conv_k, np.array(lengths, np.int64))
+            got = [list(logits[r, :n]) for r, n in enumerate(lengths)]
+            for t in range(steps):
+                step_logits, state = decoder.step(np.array([seq[n + t] for seq, n in zip(seqs, lengths)]), state)
+                for r in range(len(seqs)):
+                    got[r].append(step_logits[r])
+        except Exception as e:
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            report.failures.append(f"decoder case {case!r} failed to run: {row.error}")
+            continue
+        worst_abs, ref_max = 0.0, 0.0
+        for seq, rows in zip(seqs, got):
+            with torch.no_grad():
+                want = reference(torch.from_numpy(seq[None].astype(np.int64)))[0].numpy()
+            worst_abs = max(worst_abs, float(np.abs(np.stack(rows).astype(np.float64) - want).max()))
+            ref_max = max(ref_max, float(np.abs(want).max()))
+        row.max_abs, row.max_rel = worst_abs, worst_abs / max(ref_max, 1e-30)
+        row.passed = tolerance.passes(worst_abs, ref_max)
+        if not row.passed:
+            report.failures.append(f"decoder case {case!r}: max abs error {worst_abs:.3g}, rel {row.max_rel:.3g} exceeds tolerance")
+    if on_progress:
+        on_progress(len(cases), len(cases), "done")
+    return report

@@ -1,0 +1,186 @@
+"""Text generation on the decoder with state: one position per new token, numpy and onnxruntime only.
+
+Sampling: greedy (temperature 0), temperature, top-k (or upstream's `filter_thres`:
+k = int((1 - thres) * vocab)), top-p; each row draws from its own generator seeded with `seed`,
+so a prompt gives the same tokens alone or anywhere in a batch. Stops per row at `eos_id`, at a
+stop sequence (neither is included in the output), or after `max_new_tokens`. At `max_seq_len`
+a row stops (`on_limit="stop"`, the default) or continues on a sliding window of the last
+max_seq_len tokens (`on_limit="slide"`, what upstream's generate does: the window is re-read from
+position 0 for each token past the limit, so those tokens cost a prefill each).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .decoder import Decoder, DecoderState
+from .errors import RuntimeInputError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    filter_thres: float | None = None
+
+    def check(self, vocab: int) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise RuntimeInputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k:
+            raise RuntimeInputError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise RuntimeInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.filter_thres is not None and not (0 <= self.filter_thres < 1 and int((1 - self.filter_thres) * vocab) >= 1):
+            raise RuntimeInputError(f"filter_thres must be in [0, 1) and keep at least one token, got {self.filter_thres}")
+        if self.top_k is not None and self.filter_thres is not None:
+            raise RuntimeInputError("give top_k or filter_thres, not both")
+
+
+def choose(logits: np.ndarray, sampling: Sampling, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """logits (b, vocab) -> one token per row (b,) int64."""
+    if sampling.temperature == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    scores = logits.astype(np.float64) / sampling.temperature
+    vocab = scores.shape[-1]
+    k = sampling.top_k if sampling.filter_thres is None else int((1 - sampling.filter_thres) * vocab)
+    if k is not None and k < vocab:
+        kth = np.partition(scores, vocab - k, axis=-1)[:, vocab - k : vocab - k + 1]
+        scores = np.where(scores >= kth, scores, -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= sampling.top_p  # mass before it already enough
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cdf = np.cumsum(probs, axis=-1)
+    draws = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
+    return np.minimum((cdf < draws[:, None]).sum(axis=-1), vocab - 1).astype(np.int64)
+
+
+@dataclass
+class Generation:
+    """Generated ids per prompt (prompt excluded), why each stopped, and timings."""
+
+    tokens: list[list[int]]
+    stop_reasons: list[str]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    state_bytes: int = 0
+    timeline: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(map(len, self.tokens)) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Generator:
+    """Greedy or sampled generation from a gss-export folder (needs its `decoder.onnx`)."""
+
+    def __init__(self, model, provider: str = "auto", threads: int | None = None):
+        self.decoder = Decoder(model, provider=provider, threads=threads)
+        self.config = self.decoder.config
+
+    def generate(self, prompts, max_new_tokens: int, on_token: Callable[[int, int], None] | None = None, **options) -> Generation:
+        """Run `stream` to the end; `on_token(row, token)` sees each token as it is made."""
+        result = Generation([[] for _ in range(_batch(prompts))], [""] * _batch(prompts))
+        for row, token in self.stream(prompts, max_new_tokens, result=result, **options):
+            if on_token is not None:
+                on_token(row, token)
+        return result
+
+    def stream(
+        self,
+        prompts,
+        max_new_tokens: int,
+        *,
+        sampling: Sampling = Sampling(),
+        seed: int | None = None,
+        eos_id: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
+        on_limit: str = "stop",
+        result: Generation | None = None,
+    ) -> Iterator[tuple[int, int]]:
+        """Yield (row, token) as tokens are made. prompts: one id sequence or a list of them."""
+        batch = [list(prompts)] if _is_single(prompts) else [list(p) for p in prompts]
+        vocab, limit = self.config["num_tokens"], self.config["max_seq_len"]
+        sampling.check(vocab)
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise RuntimeInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens}")
+        if on_limit not in ("stop", "slide"):
+            raise RuntimeInputError(f"on_limit must be 'stop' or 'slide', got {on_limit!r}")
+        if eos_id is not None and not 0 <= eos_id < vocab:
+            raise RuntimeInputError(f"eos id {eos_id} is out of range [0, {vocab})")
+        stops = [list(s) for s in stop_sequences if len(s)]
+        result = result if result is not None else Generation([[] for _ in batch], [""] * len(batch))
+        rngs = [np.random.default_rng(seed) for _ in batch]  # one stream per row: batching does not change draws
+
+        start = time.perf_counter()
+        logits, state = self.decoder.prefill(batch)
+        result.prefill_seconds = time.perf_counter() - start
+        active = np.arange(len(batch))  # rows still generating, in state order
+        shown = [0] * len(batch)  # tokens of each row already yielded
+        start = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tokens = choose(logits, sampling, [rngs[i] for i in active])
+            keep = []
+            for slot, (row, token) in enumerate(zip(active, tokens)):
+                made = result.tokens[row]
+                reason = _append(made, int(token), eos_id, stops)
+                # a tail that may still grow into a stop sequence is held back until it cannot
+                ready = len(made) if reason else len(made) - _stop_prefix(made, stops)
+                if not reason and on_limit == "stop" and len(batch[row]) + len(made) > limit:
+                    reason, ready = "max_seq_len", len(made)  # the newest token can no longer be fed
+                yield from ((int(row), t) for t in made[shown[row]:ready])
+                shown[row] = ready
+                if reason:
+                    result.stop_reasons[row] = reason
+                else:
+                    keep.append(slot)
+            if not keep:
+                active = active[:0]
+                break
+            active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
+            if int(state.lengths.max()) >= limit:  # on_limit == "slide": re-read each row's last window
+                logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active])
+            else:
+                logits, state = self.decoder.step(tokens, state)
+            result.steps += 1
+            result.state_bytes = max(result.state_bytes, state.nbytes)
+        for row in active:
+            result.stop_reasons[row] = "max_new_tokens"
+            yield from ((int(row), t) for t in result.tokens[row][shown[row]:])
+        result.decode_seconds = time.perf_counter() - start
+
+
+def _append(made: list[int], token: int, eos_id: int | None, stops: list[list[int]]) -> str:
+    """Append `token` to `made` unless it ends the row; '' or why the row stops (a matched stop sequence is removed)."""
+    if eos_id is not None and token == eos_id:
+        return "eos"
+    made.append(token)
+    for stop in stops:
+        if made[-len(stop):] == stop:
+            del made[-len(stop):]
+            return "stop_sequence"
+    return ""
+
+
+def _stop_prefix(made: list[int], stops: list[list[int]]) -> int:
+    """Length of the longest tail of `made` that is a proper prefix of a stop sequence."""
+    return max((k for stop in stops for k in range(1, len(stop)) if made[-k:] == stop[:k]), default=0)
+
+
+def _is_single(prompts) -> bool:
+    return len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))
+
+
+def _batch(prompts) -> int:
+    return 1 if _is_single(prompts) else len(prompts)
