@@ -52,7 +52,8 @@ def test_console_script_exports_and_validates(wrapped_ckpt, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["max_seq_len"] == 300 and config["export"]["conv"] == "direct"
     assert config["validation"]["ok"] and {r["length"] for r in config["validation"]["rows"]} == {1, 2, 129, 300}
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.onnx", "model.onnx"]
+    assert config["decoder_validation"]["ok"] and len(config["decoder_validation"]["rows"]) == 4
 
 
 @pytest.mark.parametrize("make_bad,words", [
