@@ -50,3 +50,34 @@ def max_errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     """(max abs error, max abs error / max |want|)."""
     diff = float(np.abs(got.astype(np.float64) - want).max())
     return diff, diff / float(np.abs(want).max())
+
+
+NO_TORCH = '''
+import sys
+class _NoTorch:
+    """Any import of torch or torch.* fails, as on a machine without torch."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this test ({name})")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise AssertionError("the torch blocker does not work")
+'''
+# appended to every torch-free script: proves nothing pulled torch (or gss_export, which needs it) in
+LEAK_CHECK = '''
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "gss_export"))
+assert not leaked, leaked
+'''
+
+
+def run_without_torch(script: str, timeout: int = 300):
+    """Run `script` in a fresh interpreter where importing torch fails; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", NO_TORCH + script + LEAK_CHECK], capture_output=True, text=True, timeout=timeout)

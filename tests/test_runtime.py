@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from conftest import run_without_torch
 from gss_export.export import export_model
 from gss_export.model import GatedDsConvLM, GSSConfig
 from gss_runtime import GSSRunner, RuntimeInputError
@@ -129,40 +130,22 @@ def test_next_token_distribution(exported, runner):
 
 # -- torch must stay out ----------------------------------------------------------------------------------
 
-NO_TORCH = '''
-import sys
-class _NoTorch:
-    """Any import of torch or torch.* fails, as on a machine without torch."""
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-try:
-    import torch
-except ImportError:
-    pass
-else:
-    raise AssertionError("the torch blocker does not work")
-'''
-
-
 def test_runs_without_torch(exported, tmp_path):
     model, folder = exported
     ids = random_ids(2, 12, seed=3)
     saved = tmp_path / "logits.npy"
-    script = NO_TORCH + textwrap.dedent(f"""
+    script = textwrap.dedent(f"""
         import numpy as np
         from gss_runtime import GSSRunner
         runner = GSSRunner({str(folder)!r})
         np.save({str(saved)!r}, runner.logits(np.array({ids.tolist()!r})))
         from gss_runtime.cli import main
-        sys.argv = ["gss-run", {str(folder)!r}, "--prompt-ids", "5,6,7", "--top", "3", "--json"]
+        sys.argv = ["gss-run", {str(folder)!r}, "--prompt-ids", "5,6,7", "--next", "3", "--json"]
         main()
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "gss_export"))
         assert not leaked, leaked
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = run_without_torch(script)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert_close(np.load(saved), eager(model, ids))
@@ -287,7 +270,7 @@ def gss_run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 
 
 def test_cli_table(exported, monkeypatch, capsys, runner):
-    code, out, err = gss_run(monkeypatch, capsys, exported[1], "--prompt", "a[b]\n", "--top", "4", "--provider", "cpu")
+    code, out, err = gss_run(monkeypatch, capsys, exported[1], "--prompt", "a[b]\n", "--next", "4", "--provider", "cpu")
     assert code == 0, err
     for word in ("rank", "token id", "probability", "byte", CPU):
         assert word in out
@@ -301,7 +284,7 @@ def test_cli_table(exported, monkeypatch, capsys, runner):
 
 
 def test_cli_json(exported, monkeypatch, capsys, runner):
-    code, out, err = gss_run(monkeypatch, capsys, exported[1] / "model.onnx", "--prompt-ids", "0,10,255", "--json", "--top", "2")
+    code, out, err = gss_run(monkeypatch, capsys, exported[1] / "model.onnx", "--prompt-ids", "0,10,255", "--json", "--next", "2")
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == {"prompt_ids", "next", "provider", "seconds"}
@@ -330,7 +313,7 @@ def test_byte_text(capsys):
     (["--prompt-ids", " , "], ["empty"]),
     (["--prompt", "x" * 65], ["too long", "max_seq_len"]),
     (["--prompt", "hi", "--provider", "gpu"], ["--provider", "gpu"]),
-    (["--prompt", "hi", "--top", "0"], ["--top"]),
+    (["--prompt", "hi", "--next", "0"], ["--next"]),
 ])
 def test_cli_bad_input(exported, monkeypatch, capsys, args, words):
     code, out, err = gss_run(monkeypatch, capsys, exported[1], *args)
@@ -343,6 +326,8 @@ def test_cli_bad_model_and_cuda(exported, monkeypatch, capsys, tmp_path):
     code, _, err = gss_run(monkeypatch, capsys, tmp_path / "nowhere", "--prompt", "hi")
     assert code == 2 and "does not exist" in err
     code, _, err = gss_run(monkeypatch, capsys, tmp_path, "--prompt", "hi")
+    assert code == 2 and "no decoder.onnx" in err
+    code, _, err = gss_run(monkeypatch, capsys, tmp_path, "--prompt", "hi", "--next", "3")
     assert code == 2 and "no model.onnx" in err
     if not CUDA_USABLE:
         code, _, err = gss_run(monkeypatch, capsys, exported[1], "--prompt", "hi", "--provider", "cuda")
@@ -356,3 +341,43 @@ def test_cli_process_exit_code(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- generation from the command line -------------------------------------------------------------------
+
+
+def test_cli_generates_json_like_the_library(exported, monkeypatch, capsys):
+    from gss_runtime.generate import Generator, Sampling
+
+    folder = exported[1]
+    args = ["--prompt-ids", "5,6,7", "--max-new-tokens", "9", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3", "--json"]
+    code, out, err = gss_run(monkeypatch, capsys, folder, *args)
+    assert code == 0, err
+    result = json.loads(out)
+    want = Generator(folder, provider="cpu").generate([5, 6, 7], 9, sampling=Sampling(temperature=0.7, top_p=0.9), seed=3)
+    assert result["tokens"] == want.tokens[0] and len(result["tokens"]) == 9
+    assert result["stop_reason"] == "max_new_tokens" and result["timings"]["tokens_per_second"] > 0
+    assert result["text"] == bytes(want.tokens[0]).decode("utf-8", errors="replace")
+
+
+def test_cli_streams_text(exported, monkeypatch, capsys):
+    code, out, err = gss_run(monkeypatch, capsys, exported[1], "--prompt", "héllo", "--max-new-tokens", "12")
+    assert code == 0, err
+    assert out.startswith("héllo") and "tokens/s" in err and "stopped by" in err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--prompt", "hi", "--temperature", "-1"], ["--temperature"]),
+    (["--prompt", "hi", "--top-p", "1.5"], ["top_p"]),
+    (["--prompt", "hi", "--top-k", "0"], ["--top-k"]),
+    (["--prompt", "hi", "--top-k", "3", "--filter-thres", "0.9"], ["top_k or filter_thres"]),
+    (["--prompt", "hi", "--on-limit", "wrap"], ["on_limit"]),
+    (["--prompt", "hi", "--eos-id", "300"], ["eos id 300"]),
+    (["--prompt", "hi", "--stop", "ids:1,x"], ["comma-separated"]),
+    (["--prompt-ids", "1,2,256"], ["256", "out of range"]),
+])
+def test_cli_bad_generation_options(exported, monkeypatch, capsys, args, words):
+    code, out, err = gss_run(monkeypatch, capsys, exported[1], *args)
+    assert code == 2, (code, out, err)
+    assert all(w in out + err for w in words), out + err
+    assert "Traceback" not in out + err

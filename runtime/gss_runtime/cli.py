@@ -1,7 +1,9 @@
-"""`gss-run`: a model's next-token predictions for a prompt, from an ONNX export, without torch."""
+"""`gss-run`: generate from an exported model (or show its next-token odds), without torch."""
 from __future__ import annotations
 
+import codecs
 import json
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -14,9 +16,11 @@ from rich.text import Text
 
 from .cli_support import run_cli
 from .errors import RuntimeInputError
-from .runner import GSSRunner
+from .generate import Generator, Sampling
+from .runner import GSSRunner, check_ids
 
 out = Console()
+console = Console(stderr=True)
 
 BYTE_VOCAB = 256
 
@@ -49,29 +53,100 @@ def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str]) -> list[int]:
 
 
 def load(model: Path, provider: Provider, threads: Optional[int], text_prompt: bool) -> GSSRunner:
-    """The runner, refusing a text prompt for a model whose tokens are not bytes."""
+    """The full-sequence runner, refusing a text prompt for a model whose tokens are not bytes."""
     runner = GSSRunner(model, provider=provider.value, threads=threads)
-    num_tokens = runner.config["num_tokens"]
+    _check_text_prompt(runner.config["num_tokens"], text_prompt)
+    return runner
+
+
+def _stop_sequences(stops: list[str], byte_level: bool) -> list[list[int]]:
+    """--stop values: text (byte-level models) or comma-separated ids (`ids:1,2`)."""
+    out = []
+    for stop in stops:
+        if stop.startswith("ids:"):
+            out.append(parse_prompt(None, stop[4:]))
+        elif byte_level:
+            out.append(list(stop.encode("utf-8")))
+        else:
+            raise RuntimeInputError(f"--stop {stop!r}: text stop sequences need a byte-level model; give ids as ids:1,2")
+    return out
+
+
+def run(
+    model: Path = typer.Argument(..., help="folder written by gss-export (model.onnx, decoder.onnx, config.json)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)"),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="token ids, comma-separated, e.g. 1,2,3"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=0, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),
+    filter_thres: Optional[float] = typer.Option(None, "--filter-thres", help="upstream's top-k: k = int((1 - thres) * vocab)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="sample among the most likely tokens holding this much probability"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="makes sampling reproducible"),
+    eos_id: Optional[int] = typer.Option(None, "--eos-id", help="stop when this token is generated (not printed)"),
+    stop: list[str] = typer.Option([], "--stop", help="stop sequence, not printed (repeatable): text, or ids:1,2"),
+    on_limit: str = typer.Option("stop", "--on-limit", help="at max_seq_len: stop, or slide (a window, like upstream)"),
+    next_tokens: Optional[int] = typer.Option(None, "--next", min=1, help="instead of generating, show the N most likely next tokens"),
+    provider: Provider = typer.Option(Provider.auto, "--provider", help="auto: CUDA when it really works, else CPU"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+) -> None:
+    """Generate from a prompt with the decoder with state (one position per token), or show next-token odds."""
+    ids = parse_prompt(prompt, prompt_ids)  # before loading the model: fails fast on a typo
+    if next_tokens is not None:
+        return _show_next(model, ids, next_tokens, provider, threads, prompt is not None, json_output)
+    generator = Generator(model, provider=provider.value, threads=threads)
+    _check_text_prompt(generator.config["num_tokens"], prompt is not None)
+    byte_level = generator.config["num_tokens"] == BYTE_VOCAB
+    check_ids(ids, generator.config, one_sequence=True)  # before anything is printed
+    options = dict(
+        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres),
+        seed=seed, eos_id=eos_id, stop_sequences=_stop_sequences(stop, byte_level), on_limit=on_limit,
+    )
+    if json_output:
+        result = generator.generate(ids, max_new_tokens, **options)
+        made = result.tokens[0]
+        print(json.dumps({
+            "prompt_ids": ids,
+            "tokens": made,
+            "text": bytes(made).decode("utf-8", errors="replace") if byte_level else None,
+            "stop_reason": result.stop_reasons[0],
+            "provider": generator.decoder.providers[0],
+            "timings": {
+                "prefill_seconds": round(result.prefill_seconds, 6),
+                "decode_seconds": round(result.decode_seconds, 6),
+                "tokens_per_second": round(result.tokens_per_second, 2) if made else None,
+            },
+            "state_bytes": result.state_bytes,
+        }))
+        return
+    # stream: bytes become text as soon as they form whole UTF-8 characters; invalid ones become U+FFFD
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(bytes(ids).decode("utf-8", errors="replace") if byte_level else " ".join(map(str, ids)))
+    sys.stdout.flush()
+
+    def show(_row: int, token: int) -> None:
+        sys.stdout.write(decoder.decode(bytes([token])) if byte_level else f" {token}")
+        sys.stdout.flush()
+
+    result = generator.generate(ids, max_new_tokens, on_token=show, **options)
+    sys.stdout.write((decoder.decode(b"", final=True) if byte_level else "") + "\n")
+    console.print(
+        f"[dim]{len(result.tokens[0])} tokens, stopped by {result.stop_reasons[0]}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
+        f"{result.tokens_per_second:.1f} tokens/s, {generator.decoder.providers[0]}[/]", highlight=False,
+    )
+
+
+def _check_text_prompt(num_tokens: int, text_prompt: bool) -> None:
     if text_prompt and num_tokens != BYTE_VOCAB:
         raise RuntimeInputError(
             f"--prompt encodes text as UTF-8 bytes, which needs a byte-level model (num_tokens {BYTE_VOCAB}); "
             f"this model has num_tokens {num_tokens}: use --prompt-ids"
         )
-    return runner
 
 
-def run(
-    model: Path = typer.Argument(..., help="folder written by gss-export (model.onnx + config.json), or a .onnx file"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)"),
-    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="token ids, comma-separated, e.g. 1,2,3"),
-    top: int = typer.Option(5, "--top", min=1, help="how many next-token candidates to show"),
-    provider: Provider = typer.Option(Provider.auto, "--provider", help="auto: CUDA when it really works, else CPU"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads"),
-    json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
-) -> None:
-    """Show the most likely next tokens after a prompt."""
-    ids = parse_prompt(prompt, prompt_ids)  # before loading the model: fails fast on a typo
-    runner = load(model, provider, threads, text_prompt=prompt is not None)
+def _show_next(model: Path, ids: list[int], top: int, provider: Provider, threads: Optional[int], text_prompt: bool, json_output: bool) -> None:
+    """The `top` most likely next tokens after the prompt, from the full-sequence model."""
+    runner = load(model, provider, threads, text_prompt)
     start = time.perf_counter()
     nxt = runner.next_token_distribution(ids, top=min(top, runner.config["num_tokens"]))
     seconds = time.perf_counter() - start

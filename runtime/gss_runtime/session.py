@@ -40,9 +40,11 @@ def locate(model: Path, name: str = MODEL_NAME) -> tuple[Path, Path | None]:
             found = sorted(p.name for p in model.iterdir())
             listing = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "") or "nothing"
             hint = " (model.pt is a TorchScript export)" if "model.pt" in found else ""
+            if name != MODEL_NAME and MODEL_NAME in found:
+                hint = f" (exported with --no-decoder? re-export without it to get {name})"
             raise RuntimeInputError(
                 f"{model} has no {name}; it contains {listing}{hint}. "
-                f"Expected a folder written by `gss-export --format onnx` (model.onnx + config.json)"
+                f"Expected a folder written by `gss-export --format onnx` (model.onnx, decoder.onnx, config.json)"
             )
         config = model / CONFIG_NAME
         return onnx_file, config if config.is_file() else None
