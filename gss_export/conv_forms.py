@@ -76,20 +76,27 @@ def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(fu * fk.unsqueeze(-1), n=length, dim=1)[:, :n]
 
 
-def causal_conv_at(u: torch.Tensor, K: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The convolution at chosen absolute positions only, for incremental decoding.
+def causal_conv_step(
+    u_past: torch.Tensor, k_past: torch.Tensor, u_new: torch.Tensor, k_new: torch.Tensor, pad: torch.Tensor
+) -> torch.Tensor:
+    """The convolution for new positions, given the conv inputs and kernel values before them.
 
-    u: (b, C, h, d) and K: (b, C, h) hold positions 0..C-1 of each row; positions: (b, t) int64.
-    out[b, i] = sum_{m=0..p} u[b, m] * K[b, p - m] with p = positions[b, i]: O(t * C * h * d).
-    Entries of u and K past a row's p are never read, so rows of a ragged batch may hold
-    anything there. Returns (b, t, h, d).
+    Storage is slot-major and shared by the batch: past entries fill slots 0..C-1, the t new ones
+    slots C..C+t-1. Row b's absolute position 0 sits at slot pad[b] (slots before it are padding,
+    never read), so a ragged batch appends at the same slot in every row while each row keeps
+    its own positions: out[b, j] = sum_{m=pad..s} u[m] * K[s - m + pad] with s = C + j.
+    u_past: (C, b, h, d), k_past: (C, b, h), u_new: (b, t, h, d), k_new: (b, t, h), pad: (b,) int64.
+    Returns (b, t, h, d). Cost O(t * (C + t) * h * d); the past is only read.
     """
-    C = u.shape[1]
-    lag = positions.unsqueeze(-1) - torch.arange(C, device=u.device)  # (b, t, C): p - m
-    idx = lag.clamp(min=0, max=C - 1).unsqueeze(-1).expand(-1, -1, -1, K.shape[2])  # (b, t, C, h)
-    taps = torch.gather(K.unsqueeze(1).expand(-1, lag.shape[1], -1, -1), 2, idx)  # K[b, p - m, h]
-    taps = torch.where((lag >= 0).unsqueeze(-1), taps, torch.zeros_like(taps))
-    out = torch.matmul(taps.permute(0, 3, 1, 2), u.permute(0, 2, 1, 3))  # (b, h, t, d)
+    C, t = u_past.shape[0], u_new.shape[1]
+    k_all = torch.cat([k_past.permute(1, 0, 2), k_new], dim=1)  # (b, C + t, h)
+    slots = torch.arange(C + t, device=u_new.device)
+    lag = (slots[C:].unsqueeze(1) - slots).unsqueeze(0)  # (1, t, C + t): s - m
+    idx = (lag + pad.view(-1, 1, 1)).clamp(min=0, max=C + t - 1)  # kernel slot of lag s - m
+    valid = (lag >= 0) & (slots >= pad.view(-1, 1, 1))  # (b, t, C + t)
+    taps = torch.gather(k_all.unsqueeze(1).expand(-1, t, -1, -1), 2, idx.unsqueeze(-1).expand(-1, -1, -1, k_all.shape[2]))
+    taps = torch.where(valid.unsqueeze(-1), taps, torch.zeros_like(taps)).permute(0, 3, 1, 2)  # (b, h, t, C + t)
+    out = torch.matmul(taps[..., :C], u_past.permute(1, 2, 0, 3)) + torch.matmul(taps[..., C:], u_new.permute(0, 2, 1, 3))
     return out.permute(0, 2, 1, 3)
 
 

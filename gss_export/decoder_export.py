@@ -1,9 +1,11 @@
-"""Export the decoder with state (`decoder.onnx`): new tokens + state in, logits + new state out.
+"""Export the decoder with state (`decoder.onnx`): new tokens + past in, logits + new entries out.
 
-One graph serves a prompt of many tokens (empty state, context 0) and a step of one. The state
+One graph serves a prompt of many tokens (a past of one padding slot) and a step of one. The state
 is what a layer needs to continue (see `GatedDsConvLM.step`): per layer, the normalised conv
-inputs and the kernel values of every position so far. A new position costs O(context * dim_dsconv)
-in the convolution; everything else is per position.
+inputs and the kernel values of every slot so far, slot-major, so a runtime appends the returned
+new entries to preallocated buffers and passes their filled part back without copying. A new
+position costs O(context * dim_dsconv) in the convolution, reading the past once; everything
+else is per position.
 """
 from __future__ import annotations
 
@@ -18,21 +20,31 @@ from .onnx_export import SUPPORTED_OPSETS, _quiet_exporter
 FILE = "decoder.onnx"
 
 
+def input_names(depth: int) -> list[str]:
+    return ["input_ids", "pad"] + [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
+
+
+def output_names(depth: int) -> list[str]:
+    return ["logits"] + [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
+
+
 def decoder_io(model: GatedDsConvLM) -> dict:
     """Names, dtypes and shapes of the decoder's inputs and outputs (also stored in its metadata)."""
     c = model.config
+    per_layer = lambda name, ctx, width: [  # noqa: E731
+        {"name": f"{name}.{i}", "dtype": "float32", "shape": [ctx, "batch", width]} for i in range(c.depth)
+    ]
     return {
         "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]},
-            {"name": "positions", "dtype": "int64", "shape": ["batch"],
-             "doc": "absolute position of each row's first new token = how many of its tokens the state holds"},
-            {"name": "conv_u", "dtype": "float32", "shape": [c.depth, "batch", "context", c.dim_dsconv]},
-            {"name": "conv_k", "dtype": "float32", "shape": [c.depth, "batch", "context", c.heads]},
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"], "doc": "tokens for slots context..context+new_tokens-1"},
+            {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "slot of each row's position 0: padding slots before it are never read"},
+            *per_layer("past_u", "context", c.dim_dsconv),
+            *per_layer("past_k", "context", c.heads),
         ],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": ["batch", "new_tokens", c.num_tokens]},
-            {"name": "conv_u_out", "dtype": "float32", "shape": [c.depth, "batch", "context + new_tokens", c.dim_dsconv]},
-            {"name": "conv_k_out", "dtype": "float32", "shape": [c.depth, "batch", "context + new_tokens", c.heads]},
+            *per_layer("new_u", "new_tokens", c.dim_dsconv),
+            *per_layer("new_k", "new_tokens", c.heads),
         ],
         "state_bytes_per_token": 4 * c.depth * (c.dim_dsconv + c.heads),
     }
@@ -45,8 +57,9 @@ class _DecoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, positions, conv_u, conv_k):
-        return self.model.step(input_ids, positions, conv_u, conv_k)
+    def forward(self, input_ids, pad, past_u, past_k):
+        logits, new_u, new_k = self.model.step(input_ids, pad, past_u, past_k)
+        return (logits, *new_u, *new_k)
 
 
 def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
@@ -58,13 +71,16 @@ def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     new = torch.export.Dim("new_tokens", min=1, max=c.max_seq_len)
-    context = torch.export.Dim("context", min=0, max=c.max_seq_len)
+    # context >= 1: onnxruntime 1.31 dies (SIGFPE) on a zero-length past; runtimes start from one
+    # padding slot (pad counts it), see gss_runtime.decoder.Decoder.empty_state
+    context = torch.export.Dim("context", min=1, max=c.max_seq_len + 1)
     # example sizes >= 2 and distinct, so no axis specialises or gets tied to another
     example = (
         torch.zeros(2, 3, dtype=torch.long),
-        torch.tensor([5, 4]),
-        torch.zeros(c.depth, 2, 5, c.dim_dsconv),
-        torch.zeros(c.depth, 2, 5, c.heads),
+        torch.tensor([1, 0]),
+        # distinct tensors per layer: the exporter would merge aliased inputs into one
+        [torch.zeros(5, 2, c.dim_dsconv) for _ in range(c.depth)],
+        [torch.zeros(5, 2, c.heads) for _ in range(c.depth)],
     )
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -72,13 +88,13 @@ def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
             example,
             dynamo=True,
             opset_version=opset,
-            input_names=["input_ids", "positions", "conv_u", "conv_k"],
-            output_names=["logits", "conv_u_out", "conv_k_out"],
+            input_names=input_names(c.depth),
+            output_names=output_names(c.depth),
             dynamic_shapes={
                 "input_ids": {0: batch, 1: new},
-                "positions": {0: batch},
-                "conv_u": {1: batch, 2: context},
-                "conv_k": {1: batch, 2: context},
+                "pad": {0: batch},
+                "past_u": [{0: context, 1: batch}] * c.depth,
+                "past_k": [{0: context, 1: batch}] * c.depth,
             },
             verbose=False,
         )

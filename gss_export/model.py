@@ -10,13 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .conv_forms import causal_conv_at, make_conv
+from .conv_forms import causal_conv_step, make_conv
 
-
-def _write_at(past: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """past (b, C, f) grown by t slots, new (b, t, f) written at positions (b, t): a new tensor."""
-    grown = torch.cat([past, torch.zeros_like(new)], dim=1)
-    return grown.scatter(1, positions.unsqueeze(-1).expand(-1, -1, new.shape[2]), new)
 
 
 @dataclass(frozen=True)
@@ -66,21 +61,19 @@ class EfficientDsConv(nn.Module):
         return out.reshape(b, n, dim) + u * self.param_D
 
     def step(
-        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, positions: torch.Tensor
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """New positions given the conv inputs and kernel values seen so far; returns new state.
+        """New positions given the conv inputs and kernel values seen so far (see `causal_conv_step`).
 
-        x: (b, t, dim) at absolute positions `positions` (b, t); u_past: (b, C, dim); k_past: (b, C, heads).
-        Returns out (b, t, dim), u_state (b, C + t, dim), k_state (b, C + t, heads) with the new
-        entries written at their positions (a row behind the others overwrites what its padding left).
+        x: (b, t, dim) for slots C..C+t-1; u_past: (C, b, dim); k_past: (C, b, heads); pad: (b,).
+        Returns out (b, t, dim) and the new entries only, u_new (t, b, dim) and k_new (t, b, heads):
+        the caller appends them, nothing is mutated or copied here.
         """
         b, t, dim = x.shape
         u, K = self.project(x)
-        u_state = _write_at(u_past, u, positions)
-        k_state = _write_at(k_past, K, positions)
-        heads = self.heads
-        out = causal_conv_at(u_state.reshape(b, -1, heads, dim // heads), k_state, positions)
-        return out.reshape(b, t, dim) + u * self.param_D, u_state, k_state
+        split = (self.heads, dim // self.heads)
+        out = causal_conv_step(u_past.reshape(-1, b, *split), k_past, u.reshape(b, t, *split), K, pad)
+        return out.reshape(b, t, dim) + u * self.param_D, u.transpose(0, 1), K.transpose(0, 1)
 
 
 class GatedDsConv(nn.Module):
@@ -118,14 +111,14 @@ class GatedDsConv(nn.Module):
         return out
 
     def step(
-        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, positions: torch.Tensor
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` for new positions only (see `EfficientDsConv.step`); x: (b, t, dim)."""
         if self.reverse_seq:
             raise ValueError("a reverse_seq layer sees the future: it has no incremental form")
         h = self.norm(x)
-        conv, u_state, k_state = self.dsconv.step(self.to_v(h), u_past, k_past, positions)
-        return self.gated_output(h, conv, x), u_state, k_state
+        conv, u_new, k_new = self.dsconv.step(self.to_v(h), u_past, k_past, pad)
+        return self.gated_output(h, conv, x), u_new, k_new
 
     def gated_output(self, h: torch.Tensor, conv: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The per-position part after the convolution; shared by forward and step."""
@@ -162,29 +155,28 @@ class GatedDsConvLM(nn.Module):
         return self.to_logits(x)
 
     def step(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, conv_u: torch.Tensor, conv_k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode new tokens given the state of the tokens before them; returns new state, mutates nothing.
+        self, input_ids: torch.Tensor, pad: torch.Tensor, past_u: list[torch.Tensor], past_k: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Decode new tokens given what the layers saw before them; returns the new entries, mutates nothing.
 
-        input_ids: (b, t) int64; positions: (b,) int64, the absolute position of each row's first new
-        token (how many of its tokens the state holds); conv_u: (depth, b, C, dim_dsconv) normalised
-        conv inputs; conv_k: (depth, b, C, heads) kernel values. An empty state has C = 0.
-        Returns logits (b, t, num_tokens), conv_u (depth, b, C + t, dim_dsconv), conv_k (depth, b, C + t, heads).
+        input_ids: (b, t) int64 for slots C..C+t-1; pad: (b,) int64, the slot of each row's position 0
+        (a ragged prompt batch is padded on the left of the storage, absolute positions stay right);
+        past_u[i]: (C, b, dim_dsconv) normalised conv inputs of layer i; past_k[i]: (C, b, heads) its
+        kernel values (C may be 0). Returns logits (b, t, num_tokens) and, per layer, the new entries
+        u (t, b, dim_dsconv) and k (t, b, heads) to append at slots C..C+t-1.
         """
-        t = input_ids.shape[1]
-        pos = positions.unsqueeze(1) + torch.arange(t, device=input_ids.device)  # (b, t)
         x = self.token_emb(input_ids)
-        us, ks = [], []
+        new_u, new_k = [], []
         for i, layer in enumerate(self.layers):
-            x, u, k = layer.step(x, conv_u[i], conv_k[i], pos)
-            us.append(u)
-            ks.append(k)
-        return self.to_logits(x), torch.stack(us), torch.stack(ks)
+            x, u, k = layer.step(x, past_u[i], past_k[i], pad)
+            new_u.append(u)
+            new_k.append(k)
+        return self.to_logits(x), new_u, new_k
 
-    def empty_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The state before any token: conv_u (depth, batch, 0, dim_dsconv), conv_k (depth, batch, 0, heads)."""
+    def empty_state(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The state before any token: per layer, u (0, batch, dim_dsconv) and k (0, batch, heads)."""
         c = self.config
-        return torch.zeros(c.depth, batch, 0, c.dim_dsconv), torch.zeros(c.depth, batch, 0, c.heads)
+        return [torch.zeros(0, batch, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(0, batch, c.heads) for _ in range(c.depth)]
 
     def with_conv(self, conv: str) -> "GatedDsConvLM":
         """The same weights (shared, not copied) under another convolution form."""

@@ -183,7 +183,7 @@ def decoder_cases(max_seq_len: int) -> list[tuple[str, list[int], int]]:
 def validate_decoder(folder: Path, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
     """The decoder with state, driven by the runtime, against eager full forwards at every position.
 
-    Each case prefills right-padded prompts, then feeds one token per step; each row's logits
+    Each case prefills a (ragged) prompt batch, then feeds one token per step; each row's logits
     at all its positions must equal the eager forward of that row's whole sequence.
     """
     from gss_runtime.decoder import Decoder
@@ -200,12 +200,12 @@ def validate_decoder(folder: Path, model: GatedDsConvLM, tolerance: Tolerance, o
         row = ShapeCheck(batch=len(lengths), length=max(lengths) + steps, case=case)
         report.rows.append(row)
         try:
-            padded = np.zeros((len(seqs), max(lengths)), np.int64)
+            longest = max(lengths)
+            padded = np.zeros((len(seqs), longest), np.int64)
             for r, (seq, n) in enumerate(zip(seqs, lengths)):
-                padded[r, :n] = seq[:n]
-            logits, state = decoder.feed(padded, decoder.empty_state(len(seqs)))
-            state = type(state)(state.conv_u, state.conv_k, np.array(lengths, np.int64))
-            got = [list(logits[r, :n]) for r, n in enumerate(lengths)]
+                padded[r, longest - n :] = seq[:n]
+            logits, state = decoder.feed(padded, decoder.empty_state([longest - n for n in lengths]))
+            got = [list(logits[r, longest - n :]) for r, n in enumerate(lengths)]
             for t in range(steps):
                 step_logits, state = decoder.step(np.array([seq[n + t] for seq, n in zip(seqs, lengths)]), state)
                 for r in range(len(seqs)):

@@ -148,8 +148,9 @@ class Generator:
             if not keep:
                 active = active[:0]
                 break
-            active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
-            if int(state.lengths.max()) >= limit:  # on_limit == "slide": re-read each row's last window
+            if len(keep) < len(active):  # a row finished: drop it from the batch (copies the state once)
+                active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
+            if int(state.tokens.max()) >= limit:  # on_limit == "slide": re-read each row's last window
                 logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active])
             else:
                 logits, state = self.decoder.step(tokens, state)
