@@ -63,7 +63,7 @@ class _DecoderGraph(nn.Module):
 
 
 def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
-    """The decoder graph with batch, new_tokens and context symbolic (context may be 0)."""
+    """The decoder graph with batch, new_tokens and context symbolic (context >= 1)."""
     if opset not in SUPPORTED_OPSETS:
         raise GSSExportError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
     c = model.config

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gss_export.conv_forms import (
-    AUTO_FORM, causal_conv_at, direct_causal_conv, fft_causal_conv, next_pow2, resolve_form, upstream_fft_conv,
+    AUTO_FORM, causal_conv_step, direct_causal_conv, fft_causal_conv, next_pow2, resolve_form, upstream_fft_conv,
 )
 
 
@@ -16,9 +16,31 @@ def test_forms_equal_upstream_in_float64(n):
     want = upstream_fft_conv(u, K)
     for form in (direct_causal_conv, fft_causal_conv, lambda u, K: torch.ops.gss_export.fft_causal_conv(u, K)):
         assert torch.allclose(form(u, K), want, rtol=0, atol=1e-10)
-    # at chosen positions only (the decoder's form), here all of them
-    positions = torch.arange(n).expand(2, n)
-    assert torch.allclose(causal_conv_at(u, K, positions), want, rtol=0, atol=1e-10)
+    # the decoder's form: positions split..n-1 given a past, behind 0 and 3 slots of garbage padding
+    split = n // 2
+    for pad in (0, 3):
+        junk_u, junk_k = torch.randn(pad, 2, 3, 5, dtype=torch.float64), torch.randn(pad, 2, 3, dtype=torch.float64)
+        u_past = torch.cat([junk_u, u[:, :split].transpose(0, 1)])
+        k_past = torch.cat([junk_k, K[:, :split].transpose(0, 1)])
+        got = causal_conv_step(u_past, k_past, u[:, split:], K[:, split:], torch.tensor([pad, pad]))
+        assert torch.allclose(got, want[:, split:], rtol=0, atol=1e-10)
+
+
+def test_step_form_keeps_rows_of_a_ragged_batch_apart():
+    torch.manual_seed(0)
+    lengths, new = (5, 2), 3
+    seqs = [(torch.randn(n + new, 2, 4, dtype=torch.float64), torch.randn(n + new, 2, dtype=torch.float64)) for n in lengths]
+    longest = max(lengths)
+    u_past = torch.zeros(longest, 2, 2, 4, dtype=torch.float64)
+    k_past = torch.zeros(longest, 2, 2, dtype=torch.float64)
+    for row, ((u, k), n) in enumerate(zip(seqs, lengths)):
+        u_past[longest - n :, row], k_past[longest - n :, row] = u[:n], k[:n]  # left-padded storage
+    u_new = torch.stack([u[n:] for (u, _), n in zip(seqs, lengths)])
+    k_new = torch.stack([k[n:] for (_, k), n in zip(seqs, lengths)])
+    got = causal_conv_step(u_past, k_past, u_new, k_new, torch.tensor([longest - n for n in lengths]))
+    for row, ((u, k), n) in enumerate(zip(seqs, lengths)):
+        want = upstream_fft_conv(u[None], k[None])[0, n:]
+        assert torch.allclose(got[row], want, rtol=0, atol=1e-10)
 
 
 def test_fft_op_is_differentiable():

@@ -30,9 +30,23 @@ def test_example_exports_and_validates(exported):
 
 def test_runtime_predicts_documentation_text(exported):
     out, _ = exported
-    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", "--next", "5", "--json"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["prompt_ids"] == list(b"The for statement")
     # a trained model, not noise: after "statement" the likely bytes are a space or punctuation
     assert result["next"][0]["text"] in (" ", ",", ".") and result["next"][0]["prob"] > 0.2
+
+
+def test_readme_generation_makes_documentation_like_text(exported):
+    out, _ = exported
+    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", "--max-new-tokens", "120", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert len(result["tokens"]) == 120 and result["stop_reason"] == "max_new_tokens"
+    text = result["text"]
+    # greedy bytes from a model trained on the Python docs: mostly lowercase words separated by spaces
+    words = text.split()
+    assert len(words) >= 10 and sum(w.isascii() for w in words) == len(words), text

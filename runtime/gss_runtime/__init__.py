@@ -1,6 +1,8 @@
-"""gss-runtime: run GatedDsConvLM models exported by gss-export with onnxruntime, without torch."""
+"""Torch-free runtime for models exported by gss-export: full-sequence logits and generation."""
 
+from .decoder import Decoder, DecoderState
 from .errors import RuntimeInputError
+from .generate import Generation, Generator, Sampling
 from .runner import GSSRunner
 
-__all__ = ["GSSRunner", "RuntimeInputError"]
+__all__ = ["Decoder", "DecoderState", "Generation", "Generator", "GSSRunner", "RuntimeInputError", "Sampling"]
