@@ -22,7 +22,9 @@ from gss_export.torchscript_export import load_torchscript
 from gss_export.validation import eager_reference
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "model.safetensors"
-ARTIFACTS = [("onnx", f, o) for f in ("direct", "fft") for o in (17, 18, 20)] + [("torchscript", f, None) for f in ("direct", "fft")]
+ARTIFACTS = [("onnx", f, o) for f in ("direct", "fft", "monarch") for o in (17, 18, 20)] + [
+    ("torchscript", f, None) for f in ("direct", "fft", "monarch")
+]
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint, max_seq_len=args.max_seq_len).model
     reference, name = eager_reference(model)
-    lengths = sorted({n for n in (1, 2, 7, 100, 127, 128, 129, 1000) if n < args.max_seq_len} | {args.max_seq_len})
+    lengths = sorted({n for n in (1, 2, 7, 16, 17, 100, 127, 128, 129, 1000, 1024, 1025) if n < args.max_seq_len} | {args.max_seq_len})
     rng = np.random.default_rng(0)
     cases = {}
     for n in lengths:

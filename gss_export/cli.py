@@ -12,6 +12,7 @@ from rich.table import Table
 
 from gss_runtime.cli_support import run_cli
 
+from . import DEFAULT_OPSET
 from .errors import GSSExportError, ValidationFailed
 
 console = Console(stderr=True)
@@ -27,6 +28,7 @@ class Conv(str, Enum):
     auto = "auto"
     direct = "direct"
     fft = "fft"
+    monarch = "monarch"
 
 
 def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
@@ -45,14 +47,14 @@ def export(
     checkpoint: Path = typer.Argument(..., help="state dict (.pt/.pth/.bin/.ckpt) or .safetensors of a GatedDsConvLM"),
     format: Format = typer.Option(Format.onnx, "--format", "-f", help="artifact to produce"),
     output: Path = typer.Option(..., "--output", "-o", help="output folder (created; replaced only by a validated export)"),
-    opset: int = typer.Option(18, help="ONNX opset, 17-23"),
+    opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset, 17-23 (20 and later run GELU as one operator)"),
     conv: Conv = typer.Option(Conv.auto, help="convolution form; auto picks the measured fastest for the format"),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", min=1, help="longest sequence the artifact accepts (not stored in checkpoints)"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare the artifact with eager PyTorch"),
     rtol: Optional[float] = typer.Option(None, help="relative tolerance (default from the tolerance table: 1e-4)"),
     atol: Optional[float] = typer.Option(None, help="absolute tolerance (default 0)"),
     batch_sizes: str = typer.Option("1,3", help="batch sizes to validate, e.g. 1,3"),
-    lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,64,65,100,127,128,129,1000 and the maximum)"),
+    lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,16,17,64,65,100,127,128,129,1000,1024,1025 and the maximum)"),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
     decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="ONNX: also write decoder.onnx, the decoder with state for generation"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),

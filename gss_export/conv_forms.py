@@ -13,14 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FORMS = ("direct", "fft")
+from .monarch import monarch_causal_conv
+
+FORMS = ("direct", "fft", "monarch")
 CHOICES = FORMS + ("auto",)
 # forms a model can be built with: the exportable ones plus upstream's own FFT code (eager only)
 MODEL_FORMS = FORMS + ("upstream",)
 
-# Chosen per export target from `benchmarks/conv_forms.py` (onnxruntime CPU
-# provider vs TorchScript, dim 512, depth 4, 2 threads): see README "Convolution forms".
-AUTO_FORM = {"onnx": "direct", "torchscript": "fft", "eager": "fft"}
+# Chosen per export target from `python benchmarks/suite.py` (onnxruntime CPU provider vs TorchScript,
+# dim 512, depth 4, 2 threads, lengths 1-4096): see README "Convolution forms".
+AUTO_FORM = {"onnx": "monarch", "torchscript": "fft", "eager": "fft"}
 
 
 def resolve_form(form: str, target: str) -> str:
@@ -126,6 +128,24 @@ def _backward(ctx, grad: torch.Tensor):
 _fft_causal_conv_op.register_autograd(_backward, setup_context=_save_inputs)
 
 
+@torch.library.custom_op("gss_export::monarch_causal_conv", mutates_args=())
+def _monarch_causal_conv_op(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    return monarch_causal_conv(u, K)
+
+
+@_monarch_causal_conv_op.register_fake
+def _(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(u)
+
+
+def _monarch_backward(ctx, grad: torch.Tensor):
+    _, vjp = torch.func.vjp(monarch_causal_conv, *ctx.saved_tensors)
+    return vjp(grad)
+
+
+_monarch_causal_conv_op.register_autograd(_monarch_backward, setup_context=_save_inputs)
+
+
 class DirectConv(nn.Module):
     """`direct_causal_conv` as a module. forward(u: (b,n,h,d), K: (b,n,h)) -> (b,n,h,d)."""
 
@@ -142,6 +162,19 @@ class FFTConv(nn.Module):
         return torch.ops.gss_export.fft_causal_conv(u, K)
 
 
+class MonarchConv(nn.Module):
+    """`monarch_causal_conv` (the DFT as small matrix products, `monarch.py`) as a module.
+
+    forward(u: (b,n,h,d), K: (b,n,h)) -> (b,n,h,d). One opaque op for the exporter, whose ONNX
+    translation (`onnx_monarch.py`) computes the sizes in-graph so the length stays dynamic.
+    """
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return monarch_causal_conv(u, K)
+        return torch.ops.gss_export.monarch_causal_conv(u, K)
+
+
 class UpstreamConv(nn.Module):
     """Upstream's FFT evaluation, for checking the others; not exportable."""
 
@@ -150,5 +183,5 @@ class UpstreamConv(nn.Module):
 
 
 def make_conv(form: str) -> nn.Module:
-    """A fresh conv module for a concrete form name (`direct`, `fft` or `upstream`)."""
-    return {"direct": DirectConv, "fft": FFTConv, "upstream": UpstreamConv}[form]()
+    """A fresh conv module for a concrete form name (`direct`, `fft`, `monarch` or `upstream`)."""
+    return {"direct": DirectConv, "fft": FFTConv, "monarch": MonarchConv, "upstream": UpstreamConv}[form]()

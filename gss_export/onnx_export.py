@@ -11,13 +11,13 @@ from pathlib import Path
 import onnx
 import torch
 
-from . import __version__
+from . import DEFAULT_OPSET, __version__
 from .conv_forms import resolve_form
 from .errors import GSSExportError
 from .model import GatedDsConvLM
 from .onnx_fft import fft_conv_translation
+from .onnx_monarch import monarch_conv_translation
 
-DEFAULT_OPSET = 18
 # torch's dynamo exporter builds at opset 18 at least and converts down from there
 BUILD_MIN_OPSET = 18
 SUPPORTED_OPSETS = range(17, 24)
@@ -61,7 +61,13 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     seq = torch.export.Dim("sequence", min=1, max=cfg.max_seq_len)
     # an example with batch and length >= 2 so neither axis is specialised to 1
     example = torch.zeros(2, min(9, cfg.max_seq_len), dtype=torch.long)
-    translation = {torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(max(opset, BUILD_MIN_OPSET))}
+    build_opset = max(opset, BUILD_MIN_OPSET)
+    translation = {
+        torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(build_opset),
+        torch.ops.gss_export.monarch_causal_conv.default: monarch_conv_translation(
+            build_opset, head_dim=cfg.dim_dsconv // cfg.heads, heads=cfg.heads
+        ),
+    }
     with _quiet_exporter():
         program = torch.onnx.export(
             target,

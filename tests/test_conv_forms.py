@@ -7,14 +7,21 @@ import torch
 from gss_export.conv_forms import (
     AUTO_FORM, causal_conv_step, direct_causal_conv, fft_causal_conv, next_pow2, resolve_form, upstream_fft_conv,
 )
+from gss_export.monarch import monarch_causal_conv, monarch_sizes
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 129, 300])
+FORMS = (
+    direct_causal_conv, fft_causal_conv, monarch_causal_conv,
+    lambda u, K: torch.ops.gss_export.fft_causal_conv(u, K), lambda u, K: torch.ops.gss_export.monarch_causal_conv(u, K),
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 17, 64, 65, 128, 129, 300, 1024, 1025])
 def test_forms_equal_upstream_in_float64(n):
     torch.manual_seed(n)
     u, K = torch.randn(2, n, 3, 5, dtype=torch.float64), torch.randn(2, n, 3, dtype=torch.float64)
     want = upstream_fft_conv(u, K)
-    for form in (direct_causal_conv, fft_causal_conv, lambda u, K: torch.ops.gss_export.fft_causal_conv(u, K)):
+    for form in FORMS:
         assert torch.allclose(form(u, K), want, rtol=0, atol=1e-10)
     # the decoder's form: positions split..n-1 given a past, behind 0 and 3 slots of garbage padding
     split = n // 2
@@ -43,17 +50,28 @@ def test_step_form_keeps_rows_of_a_ragged_batch_apart():
         assert torch.allclose(got[row], want, rtol=0, atol=1e-10)
 
 
-def test_fft_op_is_differentiable():
+@pytest.mark.parametrize("op", ["fft_causal_conv", "monarch_causal_conv"])
+def test_custom_ops_are_differentiable(op):
+    conv = getattr(torch.ops.gss_export, op)
     u = torch.randn(2, 9, 3, 4, dtype=torch.float64, requires_grad=True)
     K = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(torch.ops.gss_export.fft_causal_conv, (u, K))
-    got = torch.autograd.grad(torch.ops.gss_export.fft_causal_conv(u, K).square().sum(), (u, K))
+    assert torch.autograd.gradcheck(conv, (u, K))
+    got = torch.autograd.grad(conv(u, K).square().sum(), (u, K))
     want = torch.autograd.grad(direct_causal_conv(u, K).square().sum(), (u, K))
     assert all(torch.allclose(g, w, atol=1e-10) for g, w in zip(got, want))
 
 
+def test_monarch_sizes_give_a_linear_convolution_with_little_padding():
+    for n in range(1, 5000):
+        n1, b = monarch_sizes(n)
+        length = n1 * b * b
+        assert n1 % 2 == 0 and length >= 2 * n, n  # no wrap-around
+        assert length // 2 - n < b * b, n  # padded by less than one block
+        assert b in (1, 2, 4, 8, 16)
+
+
 def test_auto_resolves_per_target_and_names_are_checked():
-    assert resolve_form("auto", "onnx") == AUTO_FORM["onnx"] == "direct"
+    assert resolve_form("auto", "onnx") == AUTO_FORM["onnx"] == "monarch"
     assert resolve_form("auto", "torchscript") == AUTO_FORM["torchscript"] == "fft"
     assert resolve_form("fft", "onnx") == "fft"
     with pytest.raises(ValueError, match="unknown convolution form 'sideways'"):

@@ -9,11 +9,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import BATCHES, LENGTHS, RTOL, max_errors
+from conftest import BATCHES, LENGTHS, MAX_LEN, RTOL, max_errors
 from gss_export.export import export_model
 from gss_export.torchscript_export import load_torchscript
 
-ONNX_CASES = [("direct", 17), ("direct", 18), ("direct", 20), ("fft", 17), ("fft", 18), ("fft", 20), ("auto", 18)]
+ONNX_CASES = [
+    ("direct", 17), ("direct", 20), ("fft", 17), ("fft", 18), ("fft", 20),
+    ("monarch", 17), ("monarch", 18), ("monarch", 20), ("monarch", 23), ("auto", 20),
+]
 
 
 def assert_parity(run, reference, label):
@@ -46,7 +49,7 @@ def test_onnx_matches_upstream(ours, reference, tmp_path, conv, opset):
     assert_parity(lambda ids: session.run(["logits"], {"input_ids": ids})[0], reference, f"onnx {conv} opset {opset}")
 
 
-@pytest.mark.parametrize("conv", ["direct", "fft", "auto"])
+@pytest.mark.parametrize("conv", ["direct", "fft", "monarch", "auto"])
 def test_torchscript_matches_upstream(ours, reference, tmp_path, conv):
     export_model(ours, "torchscript", tmp_path, conv=conv, validate=False)
     scripted = load_torchscript(tmp_path / "model.pt")
@@ -58,7 +61,7 @@ def test_torchscript_matches_upstream(ours, reference, tmp_path, conv):
     assert_parity(run, reference, f"torchscript {conv}")
 
 
-@pytest.mark.parametrize("conv", ["direct", "fft"])
+@pytest.mark.parametrize("conv", ["direct", "fft", "monarch"])
 def test_eager_forms_match_upstream(ours, reference, conv):
     model = ours.with_conv(conv)
     assert model.token_emb.weight.data_ptr() == ours.token_emb.weight.data_ptr()  # weights reused, not copied
@@ -87,7 +90,7 @@ def test_reverse_seq_layer_matches_upstream():
 
     torch.manual_seed(0)
     theirs = UpstreamLayer(dim=32, heads=4, dim_dsconv=16, reverse_seq=True).eval()
-    for conv in ("direct", "fft"):
+    for conv in ("direct", "fft", "monarch"):
         mine = GatedDsConv(dim=32, heads=4, dim_dsconv=16, reverse_seq=True, conv=conv).eval()
         mine.load_state_dict(theirs.state_dict(), strict=True)
         for n in (1, 2, 65, 300):
@@ -97,10 +100,16 @@ def test_reverse_seq_layer_matches_upstream():
             assert rel <= RTOL, (conv, n, rel)
 
 
-def test_lengths_cover_fft_power_of_two_boundaries():
+def test_lengths_cover_every_block_boundary():
     from gss_export.conv_forms import next_pow2
+    from gss_export.monarch import monarch_sizes
 
     # the FFT form's length changes where 2n-1 crosses a power of two: check tests straddle one
     sizes = {n: next_pow2(2 * n - 1) for n in LENGTHS}
     assert sizes[128] != sizes[129] and len(set(sizes.values())) >= 5
+    # the monarch form's block b: every change of b is straddled by two test lengths
+    blocks = {n: monarch_sizes(n)[1] for n in range(1, MAX_LEN + 1)}
+    changes = [n for n in range(2, MAX_LEN + 1) if blocks[n] != blocks[n - 1]]
+    assert changes == [3, 17, 129, 1025]
+    assert all(n - 1 in LENGTHS and n in LENGTHS for n in changes)
     assert BATCHES == (1, 3)

@@ -1,0 +1,85 @@
+"""Markdown table and PNG plot of a `suite.py` run (results.json)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+EAGER = "upstream eager"
+
+
+def write_markdown(results: dict, path: Path) -> str:
+    m, cfg = results["machine"], results["config"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['threads']} threads; float32 matmul {m['matmul_gflops_torch']:.0f} GFLOP/s (torch), "
+        f"{m['matmul_gflops_onnxruntime']:.0f} GFLOP/s (onnxruntime), memory {m['bandwidth_gbs']:.1f} GB/s; "
+        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, Python {m['python']}. CUDA: {results['cuda']}.",
+        f"Model: dim {cfg['dim']}, depth {cfg['depth']}, heads {cfg['heads']}, dim_dsconv {cfg['dim_dsconv']}, "
+        f"num_tokens {cfg['num_tokens']}, batch 1; {results['flops_per_token'] / 1e6:.1f} MFLOP of matrix products per token.",
+        "",
+        "**Prefill**, ms (speed-up over upstream eager; share of the machine's matmul rate = compute floor / time, "
+        f"floor = model FLOPs / {m['matmul_gflops']:.0f} GFLOP/s):",
+        "",
+    ]
+    names = list(results["prefill"][0]["ms"])
+    lines.append("| length | floor | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "---|" * len(names))
+    for row in results["prefill"]:
+        eager, floor = row["ms"][EAGER], row["compute_floor_ms"]
+        cells = []
+        for name in names:
+            t = row["ms"][name]
+            ratio = "" if name == EAGER else f"{eager / t:.2f}x, "
+            cells.append(f"{t:.1f} ({ratio}{floor / t:.0%})")
+        lines.append(f"| {row['length']} | {floor:.1f} | " + " | ".join(cells) + " |")
+    if results["decode"]:
+        lines += ["", "**Decode** (greedy, after a prompt of `context` tokens; floor = weight bytes / bandwidth per step):", "",
+                  "| context | gss-run tok/s | full recompute tok/s | speed-up | ms per token | weight floor ms | state per token |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["decode"]:
+            lines.append(f"| {r['context']} | {r['tokens_per_second']:.1f} | {r['full_recompute_tokens_per_second']:.2f} | {r['speedup']:.1f}x "
+                         f"| {r['ms_per_token']:.2f} | {r['weight_floor_ms']:.2f} | {r['state_bytes_per_token'] / 1024:.1f} KiB |")
+    longest = results["prefill"][-1]["length"]
+    lines += ["", f"**Artifacts** (peak memory: a fresh process's peak RSS above its baseline for one prefill at length {longest}):", "",
+              "| artifact | export s | size MB | peak memory MiB |", "|---|---|---|---|"]
+    for name, a in results["artifacts"].items():
+        peak = a.get("peak_memory", {})
+        mem = f"{peak['model_and_activations_mib']:.0f}" if "model_and_activations_mib" in peak else peak.get("error", "")
+        export = f"{a['export_seconds']:.1f}" if "export_seconds" in a else "-"
+        size = f"{a['bytes'] / 1e6:.1f}" if "bytes" in a else "-"
+        lines.append(f"| {name} | {export} | {size} | {mem} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r["length"] for r in results["prefill"]]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name in results["prefill"][0]["ms"]:
+        ax.plot(lengths, [r["ms"][name] for r in results["prefill"]], marker="o", label=name,
+                linewidth=2.5 if name in (EAGER,) or name.startswith("onnx auto") else 1.2)
+    ax.plot(lengths, [r["compute_floor_ms"] for r in results["prefill"]], "k--", label="compute floor (FLOPs / matmul rate)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (batch 1)")
+    ax.set_ylabel("prefill latency, ms")
+    m = results["machine"]
+    ax.set_title(f"GatedDsConvLM dim 512 depth 4, {m['threads']} threads, {m['cpu']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render from a saved run: python benchmarks/report.py benchmarks/results
+    out = Path(sys.argv[1])
+    data = json.loads((out / "results.json").read_text())
+    print(write_markdown(data, out / "results.md"))
+    write_plot(data, out / "prefill.png")

@@ -1,0 +1,213 @@
+"""The benchmark: every artifact against upstream eager, side by side in one run, against the machine's limits.
+
+    python benchmarks/suite.py [--lengths 1,16,64,256,512,1024,2048,4096] [--contexts 128,512,2048]
+                               [--threads 2] [--out benchmarks/results]
+
+Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1,
+exported with max_seq_len = the longest length. In one process, on the same threads:
+
+- the machine: float32 matrix-multiply rate (torch and onnxruntime, the better one counts) and
+  memory bandwidth;
+- prefill latency per length for upstream eager, ONNX on onnxruntime's CPU provider (every conv
+  form and `auto`), TorchScript (`auto` and `monarch`), and where a GPU is usable, onnxruntime's
+  CUDA provider against eager CUDA; each length times every contender in turn (median of repeats),
+  and each time is also given as a fraction of the compute floor (model FLOPs / matmul rate);
+- decode tokens per second (gss-run's decoder with state against upstream full recompute), each
+  step against the weight-streaming floor (weight bytes / bandwidth);
+- export time and artifact size; peak memory of a prefill at the longest length (a fresh process
+  per contender, so one's peak cannot hide another's).
+
+Writes OUT/results.json, OUT/results.md and OUT/prefill.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from common import machine_limits, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
+from decode import measure_decode
+from report import write_markdown, write_plot
+
+from gss_export.conv_forms import AUTO_FORM
+from gss_export.export import export_model
+from gss_export.onnx_export import build_onnx, save_onnx
+from gss_export.torchscript_export import build_torchscript, save_torchscript
+
+PEAK_SCRIPT = """
+import json, sys
+import numpy as np
+
+def hwm_kib():
+    # VmHWM belongs to the process's own address space; ru_maxrss would carry the parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+kind, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ids = np.random.default_rng(0).integers(0, 256, size=(1, n), dtype=np.int64)
+if kind == "onnx":
+    import onnxruntime as ort
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = threads; opts.inter_op_num_threads = 1
+    base = hwm_kib()
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    run = lambda: s.run(None, {"input_ids": ids})
+else:
+    import torch
+    torch.set_num_threads(threads)
+    if kind == "upstream":
+        from gated_state_spaces_pytorch import GatedDsConvLM
+        cfg = json.loads(path)
+        base = hwm_kib()
+        m = GatedDsConvLM(**cfg).eval()
+    else:
+        base = hwm_kib()
+        m = torch.jit.load(path)
+    def run():
+        with torch.inference_mode():
+            m(torch.from_numpy(ids))
+run()
+print(json.dumps({"baseline_mib": base / 1024, "peak_mib": hwm_kib() / 1024}))
+"""
+
+
+def peak_memory(kind: str, path: str, n: int, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, path, str(n), str(threads)], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    got = json.loads(proc.stdout)
+    return {**got, "model_and_activations_mib": got["peak_mib"] - got["baseline_mib"]}
+
+
+def cuda_contenders(model_path: Path, upstream, threads: int) -> tuple[dict, str | None]:
+    """Eager CUDA and onnxruntime's CUDA provider, or the reason they cannot run here."""
+    if not torch.cuda.is_available():
+        return {}, "no CUDA device visible to torch"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {}, "this onnxruntime has no CUDA provider"
+    session = ort.InferenceSession(str(model_path), session_options(threads), providers=["CUDAExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return {}, "onnxruntime could not start its CUDA provider"
+    gpu = upstream.to("cuda")
+
+    def eager_cuda(ids):
+        gpu(torch.from_numpy(ids).cuda())
+        torch.cuda.synchronize()
+
+    return {"upstream eager cuda": eager_cuda, "onnx auto cuda": lambda ids: session.run(None, {"input_ids": ids})}, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="1,16,64,256,512,1024,2048,4096")
+    parser.add_argument("--contexts", default="128,512,2048")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else []
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    print("measuring the machine...", flush=True)
+    machine = machine_limits(args.threads)
+    machine.update(cpu=_cpu_name(), torch=torch.__version__, onnxruntime=ort.__version__, python=platform.python_version())
+    print(json.dumps(machine), flush=True)
+
+    limit = max(lengths + [c + args.decode_tokens + 1 for c in contexts])
+    ours, upstream = reference_models(limit)
+    flops_per_token = matmul_flops_per_token(ours.config)
+    options = session_options(args.threads)
+    results = {"machine": machine, "config": ours.config.to_dict(), "flops_per_token": flops_per_token,
+               "weight_bytes": weight_bytes(ours), "artifacts": {}, "prefill": [], "decode": []}
+    contenders = {"upstream eager": lambda ids: upstream(torch.from_numpy(ids))}
+    paths = {"upstream eager": ("upstream", json.dumps(results["config"]))}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for form in ("direct", "fft", "monarch"):
+            start = time.perf_counter()
+            path = tmp / f"onnx_{form}.onnx"
+            save_onnx(build_onnx(ours, conv=form), path)
+            name = f"onnx {form}"
+            results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            contenders[name] = lambda ids, s=session: s.run(None, {"input_ids": ids})
+            paths[name] = ("onnx", str(path))
+        start = time.perf_counter()
+        auto_dir = tmp / "auto"
+        export_model(ours, "onnx", auto_dir, validate=False)  # what `gss-export --no-validate` does, decoder included
+        name = f"onnx auto ({AUTO_FORM['onnx']})"
+        results["artifacts"][name] = {"export_seconds": time.perf_counter() - start,
+                                      "bytes": sum(p.stat().st_size for p in auto_dir.iterdir() if p.suffix == ".onnx")}
+        session = ort.InferenceSession(str(auto_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        contenders[name] = lambda ids, s=session: s.run(None, {"input_ids": ids})
+        paths[name] = ("onnx", str(auto_dir / "model.onnx"))
+        for form in (AUTO_FORM["torchscript"], "monarch"):
+            start = time.perf_counter()
+            path = tmp / f"ts_{form}.pt"
+            scripted = build_torchscript(ours, conv=form)
+            save_torchscript(scripted, path, {})
+            name = f"torchscript {form}" + (" (auto)" if form == AUTO_FORM["torchscript"] else "")
+            results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
+            contenders[name] = lambda ids, m=scripted: m(torch.from_numpy(ids))
+            paths[name] = ("torchscript", str(path))
+        gpu, reason = cuda_contenders(auto_dir / "model.onnx", reference_models(limit)[1], args.threads)
+        contenders.update(gpu)
+        results["cuda"] = "measured" if gpu else f"skipped: {reason}"
+
+        rng = np.random.default_rng(0)
+        for n in lengths:
+            ids = rng.integers(0, 256, size=(1, n), dtype=np.int64)
+            row = {"length": n, "ms": {}}
+            with torch.inference_mode():
+                for name, fn in contenders.items():
+                    row["ms"][name] = timed(lambda f=fn: f(ids)) * 1e3
+            floor_ms = flops_per_token * n / (machine["matmul_gflops"] * 1e9) * 1e3
+            row["compute_floor_ms"] = floor_ms
+            results["prefill"].append(row)
+            print(f"n={n}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items()), flush=True)
+
+        if contexts:
+            print("decode...", flush=True)
+            floor = results["weight_bytes"] / (machine["bandwidth_gbs"] * 1e9)
+            for row in measure_decode(ours, upstream, contexts, args.decode_tokens, args.threads, auto_dir):
+                row["weight_floor_ms"] = floor * 1e3
+                results["decode"].append(row)
+                print(json.dumps(row), flush=True)
+
+        print("peak memory (a fresh process each)...", flush=True)
+        for name, (kind, path) in paths.items():
+            results["artifacts"].setdefault(name, {})["peak_memory"] = peak_memory(kind, path, max(lengths), args.threads)
+
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    markdown = write_markdown(results, args.out / "results.md")
+    write_plot(results, args.out / "prefill.png")
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'prefill.png'}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()

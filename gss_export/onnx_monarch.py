@@ -1,0 +1,115 @@
+"""ONNX translation of `gss_export::monarch_causal_conv`: the DFT as matrix products, sizes in-graph.
+
+Mirrors `monarch.py` step for step: the block size b and the transform length N = N1*b*b are
+computed from the sequence length with integer ops, the stage matrices from Range/Cos/Sin, so one
+file serves every length. Everything heavy is MatMul; only Gather-free elementwise ops remain,
+which every onnxruntime provider implements (no DFT, which the CUDA provider lacks).
+"""
+from __future__ import annotations
+
+import math
+
+from onnxscript import FLOAT, INT32
+
+from .onnx_fft import _OPSETS
+
+_BLOCKS = [1, 2, 4, 8, 16]  # candidate b, up to monarch.MAX_BLOCK
+
+
+def monarch_conv_translation(opset: int, head_dim: int, heads: int):
+    """The translation for the custom op at `opset`; head_dim and heads are the model's (static)."""
+    if opset not in _OPSETS:
+        raise ValueError(f"the monarch form is written for opsets 17-23; got {opset}")
+    op = _OPSETS[opset]
+    odd = head_dim % 2
+    half_d = (head_dim + odd) // 2
+    channels = heads * half_d  # complex channels: two real ones of a head each
+
+    def ints(*values):
+        return op.Constant(value_ints=list(values))
+
+    def scalar(x):
+        return op.Squeeze(x, ints(0))
+
+    def cat(*parts, axis=0):
+        return op.Concat(*parts, axis=axis)
+
+    def pad_end(x, axis: int, amount, rank: int):
+        """x with `amount` zeros appended along axis. Concat, not Pad: Pad changed in opset 18 and has no adapter back to 17."""
+        shape = cat(*[op.Shape(x, start=i, end=i + 1) if i != axis else amount for i in range(rank)])
+        return cat(x, op.ConstantOfShape(shape), axis=axis)
+
+    def stack(re, im):
+        """(..., r, c) complex -> (..., 2r, 2c) = [[re, -im], [im, re]]"""
+        return cat(cat(re, op.Neg(im), axis=-1), cat(im, re, axis=-1), axis=-2)
+
+    def monarch_causal_conv(u, K):
+        """u: (B, n, h, d) float, K: (B, n, h) float -> (B, n, h, d)"""
+        if odd:
+            u = pad_end(u, 3, ints(1), 4)
+        batch = op.Shape(u, start=0, end=1)
+        n = op.Shape(u, start=1, end=2)
+        # b = the first candidate with 2*b^3 >= n, else the largest (ArgMax returns the first maximum)
+        fits = op.Or(op.GreaterOrEqual(ints(*[2 * c**3 for c in _BLOCKS]), n), op.Equal(ints(*_BLOCKS), ints(_BLOCKS[-1])))
+        b = op.Gather(ints(*_BLOCKS), op.ArgMax(op.Cast(fits, to=INT32.dtype), axis=0, keepdims=1))
+        bb = op.Mul(b, b)
+        n1 = op.Mul(ints(2), op.Div(op.Sub(op.Add(n, bb), ints(1)), bb))
+        length = op.Mul(n1, bb)
+        half = op.Div(length, ints(2))
+        step = op.Div(op.Constant(value_float=2.0 * math.pi), op.Cast(scalar(length), to=FLOAT.dtype))
+
+        def w(e):
+            angle = op.Mul(op.Cast(op.Mod(e, scalar(length)), to=FLOAT.dtype), step)
+            return op.Cos(angle), op.Neg(op.Sin(angle))
+
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        k1 = op.Range(zero, scalar(n1), one)
+        p1 = op.Range(zero, scalar(op.Div(n1, ints(2))), one)
+        j = op.Range(zero, scalar(b), one)
+        fr, fi = w(op.Mul(op.Mul(op.Unsqueeze(k1, ints(1)), op.Unsqueeze(p1, ints(0))), bb))
+        m1 = op.Reshape(
+            cat(op.Unsqueeze(cat(fr, op.Neg(fi), axis=1), ints(1)), op.Unsqueeze(cat(fi, fr, axis=1), ints(1)), axis=1),
+            cat(op.Mul(n1, ints(2)), n1),
+        )
+        two_b = op.Mul(b, ints(2))
+        k1_col = op.Reshape(k1, ints(-1, 1, 1))
+        j_mid, j_last = op.Reshape(j, ints(1, -1, 1)), op.Reshape(j, ints(1, 1, -1))
+        gr, gi = w(op.Mul(op.Mul(j_last, b), op.Add(k1_col, op.Mul(n1, j_mid))))
+        g2 = op.Reshape(
+            op.Transpose(op.Reshape(stack(gr, gi), cat(n1, ints(2), b, two_b)), perm=[0, 2, 1, 3]),
+            cat(n1, two_b, two_b),
+        )
+        kk = op.Reshape(op.Add(op.Reshape(k1, ints(-1, 1)), op.Mul(n1, op.Reshape(j, ints(1, -1)))), ints(-1, 1, 1))
+        hr, hi = w(op.Mul(j_last, op.Add(kk, op.Mul(op.Mul(n1, b), j_mid))))
+        g3 = stack(hr, hi)
+        g3_re, g3_im = op.Slice(g3, ints(0), b, ints(1)), op.Slice(g3, b, two_b, ints(1))  # rows of each part
+
+        def forward(z, width: int):
+            """z: (B, n1, b*b*width) rows (part, p1) -> real, imag (B, n1*b, b, width) by k3"""
+            a = op.Reshape(op.MatMul(m1, z), cat(batch, n1, two_b, op.Mul(b, ints(width))))
+            a = op.Reshape(op.MatMul(g2, a), cat(batch, op.Mul(n1, b), two_b, ints(width)))
+            return op.MatMul(g3_re, a), op.MatMul(g3_im, a)
+
+        # (B, part, n -> N/2, h, d/2): the halves of each head as real and imaginary parts
+        z = op.Transpose(op.Reshape(u, ints(0, 0, heads, 2, half_d)), perm=[0, 3, 1, 2, 4])
+        z = pad_end(z, 2, op.Sub(half, n), 5)
+        sr, si = forward(op.Reshape(z, cat(batch, n1, ints(-1))), channels)
+        k = op.Reshape(pad_end(K, 1, op.Sub(half, n), 3), cat(batch, op.Div(n1, ints(2)), ints(-1)))
+        k = pad_end(k, 1, op.Div(n1, ints(2)), 3)  # imaginary part: zeros
+        kr, ki = forward(k, heads)
+
+        rows = op.Mul(n1, b)
+        shape = cat(batch, rows, b, ints(heads, half_d))
+        sr, si = op.Reshape(sr, shape), op.Reshape(si, shape)
+        kr, ki = op.Unsqueeze(kr, ints(-1)), op.Unsqueeze(ki, ints(-1))
+        prod = cat(op.Sub(op.Mul(sr, kr), op.Mul(si, ki)), op.Add(op.Mul(sr, ki), op.Mul(si, kr)), axis=2)
+        prod = op.Reshape(prod, cat(batch, rows, two_b, ints(channels)))
+
+        a = op.Reshape(op.MatMul(op.Transpose(g3, perm=[0, 2, 1]), prod), cat(batch, n1, two_b, op.Mul(b, ints(channels))))
+        a = op.Reshape(op.MatMul(op.Transpose(g2, perm=[0, 2, 1]), a), cat(batch, op.Mul(n1, ints(2)), ints(-1)))
+        out = op.Mul(op.MatMul(op.Transpose(m1, perm=[1, 0]), a), op.Reciprocal(op.Cast(length, to=FLOAT.dtype)))
+        out = op.Slice(op.Reshape(out, cat(batch, ints(2), half, ints(heads, half_d))), ints(0), n, ints(2))
+        out = op.Reshape(op.Transpose(out, perm=[0, 2, 3, 1, 4]), ints(0, 0, heads, 2 * half_d))
+        return op.Slice(out, ints(0), ints(head_dim), ints(3)) if odd else out
+
+    return monarch_causal_conv
