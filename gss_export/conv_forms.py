@@ -102,48 +102,35 @@ def causal_conv_step(
     return out.permute(0, 2, 1, 3)
 
 
-# The exporter cannot keep a power-of-two FFT length symbolic (it would specialise
-# on n), so the FFT form reaches the exporter as one opaque op whose ONNX translation
-# (`onnx_fft.py`) computes the length inside the graph.
-@torch.library.custom_op("gss_export::fft_causal_conv", mutates_args=())
-def _fft_causal_conv_op(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    return fft_causal_conv(u, K)
-
-
-@_fft_causal_conv_op.register_fake
-def _(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(u)
-
-
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    # gradients of the plain function, so a model under this form trains like any other
-    _, vjp = torch.func.vjp(fft_causal_conv, *ctx.saved_tensors)
-    return vjp(grad)
+def _opaque_op(name: str, conv):
+    """`conv(u, K)` as one custom op `gss_export::name` (shape-preserving, differentiable).
+
+    The exporter cannot keep these forms' sizes symbolic (a power of two, a block size chosen from
+    n: it would specialise on the example length), so each reaches it as one opaque op whose ONNX
+    translation (`onnx_fft.py`, `onnx_monarch.py`) computes the sizes inside the graph.
+    """
+
+    def impl(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        return conv(u, K)
+
+    op = torch.library.custom_op(f"gss_export::{name}", impl, mutates_args=())
+    op.register_fake(lambda u, K: torch.empty_like(u))
+
+    def backward(ctx, grad: torch.Tensor):
+        # gradients of the plain function, so a model under this form trains like any other
+        _, vjp = torch.func.vjp(conv, *ctx.saved_tensors)
+        return vjp(grad)
+
+    op.register_autograd(backward, setup_context=_save_inputs)
+    return op
 
 
-_fft_causal_conv_op.register_autograd(_backward, setup_context=_save_inputs)
-
-
-@torch.library.custom_op("gss_export::monarch_causal_conv", mutates_args=())
-def _monarch_causal_conv_op(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    return monarch_causal_conv(u, K)
-
-
-@_monarch_causal_conv_op.register_fake
-def _(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(u)
-
-
-def _monarch_backward(ctx, grad: torch.Tensor):
-    _, vjp = torch.func.vjp(monarch_causal_conv, *ctx.saved_tensors)
-    return vjp(grad)
-
-
-_monarch_causal_conv_op.register_autograd(_monarch_backward, setup_context=_save_inputs)
+_fft_causal_conv_op = _opaque_op("fft_causal_conv", fft_causal_conv)
+_monarch_causal_conv_op = _opaque_op("monarch_causal_conv", monarch_causal_conv)
 
 
 class DirectConv(nn.Module):
