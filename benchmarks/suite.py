@@ -22,6 +22,7 @@ Writes OUT/results.json, OUT/results.md and OUT/prefill.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -99,7 +100,7 @@ def cuda_contenders(model_path: Path, upstream, threads: int) -> tuple[dict, str
     session = ort.InferenceSession(str(model_path), session_options(threads), providers=["CUDAExecutionProvider"])
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return {}, "onnxruntime could not start its CUDA provider"
-    gpu = upstream.to("cuda")
+    gpu = copy.deepcopy(upstream).to("cuda")  # the CPU model keeps serving the CPU rows
 
     def eager_cuda(ids):
         gpu(torch.from_numpy(ids).cuda())
@@ -164,7 +165,7 @@ def main() -> None:
             results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
             contenders[name] = lambda ids, m=scripted: m(torch.from_numpy(ids))
             paths[name] = ("torchscript", str(path))
-        gpu, reason = cuda_contenders(auto_dir / "model.onnx", reference_models(limit)[1], args.threads)
+        gpu, reason = cuda_contenders(auto_dir / "model.onnx", upstream, args.threads)
         contenders.update(gpu)
         results["cuda"] = "measured" if gpu else f"skipped: {reason}"
 

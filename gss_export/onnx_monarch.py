@@ -11,9 +11,10 @@ import math
 
 from onnxscript import FLOAT, INT32
 
+from .monarch import MAX_BLOCK
 from .onnx_fft import _OPSETS
 
-_BLOCKS = [1, 2, 4, 8, 16]  # candidate b, up to monarch.MAX_BLOCK
+_BLOCKS = [1 << i for i in range(MAX_BLOCK.bit_length())]  # candidate b: the powers of two up to MAX_BLOCK
 
 
 def monarch_conv_translation(opset: int, head_dim: int, heads: int):

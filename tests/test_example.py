@@ -28,23 +28,22 @@ def test_example_exports_and_validates(exported):
     assert max(r["max_rel"] for r in rows) <= 1e-4
 
 
-def test_runtime_predicts_documentation_text(exported):
-    out, _ = exported
-    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", "--next", "5", "--json"],
-                          capture_output=True, text=True, timeout=120)
+def run_json(out, *options: str) -> dict:
+    """gss-run on the exported example with the README's prompt and --json; its one JSON object."""
+    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", *options, "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_runtime_predicts_documentation_text(exported):
+    result = run_json(exported[0], "--next", "5")
     assert result["prompt_ids"] == list(b"The for statement")
     # a trained model, not noise: after "statement" the likely bytes are a space or punctuation
     assert result["next"][0]["text"] in (" ", ",", ".") and result["next"][0]["prob"] > 0.2
 
 
 def test_readme_generation_makes_documentation_like_text(exported):
-    out, _ = exported
-    proc = subprocess.run(["gss-run", out, "--prompt", "The for statement", "--max-new-tokens", "120", "--json"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = run_json(exported[0], "--max-new-tokens", "120")
     assert len(result["tokens"]) == 120 and result["stop_reason"] == "max_new_tokens"
     text = result["text"]
     # greedy bytes from a model trained on the Python docs: mostly lowercase words separated by spaces
