@@ -31,6 +31,17 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _incremental_decoder(fmt: str, staging: Path, path: Path, decoder: bool):
+    """(what decodes this export incrementally, the file it lives in), or None."""
+    if fmt == "onnx" and decoder:
+        from gss_runtime.decoder import Decoder
+
+        return Decoder(staging, provider="cpu"), decoder_export.FILE
+    if fmt == "torchscript":
+        return torchscript_export.ScriptedDecoder(torchscript_export.load_torchscript(path)), f"{path.name} (step)"
+    return None
+
+
 def export_model(
     model: GatedDsConvLM,
     fmt: str,
@@ -89,9 +100,11 @@ def export_model(
         if validate:
             report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
             report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder
-            if fmt == "onnx" and decoder and report.ok:
-                decoder_report = validate_decoder(staging, model, tolerance, lambda i, n, label: progress("decoder", i, n, label))
-                decoder_report.artifact = str(Path(out_dir) / decoder_export.FILE)
+            incremental = _incremental_decoder(fmt, staging, path, decoder) if report.ok else None
+            if incremental is not None:
+                stepper, name = incremental
+                decoder_report = validate_decoder(stepper, str(Path(out_dir) / name), model, tolerance,
+                                                  lambda i, n, label: progress("decoder", i, n, label))
             for checked in (report, decoder_report):
                 if checked is not None and not checked.ok:
                     raise ValidationFailed(

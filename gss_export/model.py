@@ -71,8 +71,8 @@ class EfficientDsConv(nn.Module):
         """
         b, t, dim = x.shape
         u, K = self.project(x)
-        split = (self.heads, dim // self.heads)
-        out = causal_conv_step(u_past.reshape(-1, b, *split), k_past, u.reshape(b, t, *split), K, pad)
+        h = self.heads
+        out = causal_conv_step(u_past.reshape(-1, b, h, dim // h), k_past, u.reshape(b, t, h, dim // h), K, pad)
         return out.reshape(b, t, dim) + u * self.param_D, u.transpose(0, 1), K.transpose(0, 1)
 
 
@@ -154,6 +154,7 @@ class GatedDsConvLM(nn.Module):
             x = layer(x)
         return self.to_logits(x)
 
+    @torch.jit.export  # scripted beside forward: C++ (runtime/cpp) decodes incrementally with it
     def step(
         self, input_ids: torch.Tensor, pad: torch.Tensor, past_u: list[torch.Tensor], past_k: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -166,17 +167,28 @@ class GatedDsConvLM(nn.Module):
         u (t, b, dim_dsconv) and k (t, b, heads) to append at slots C..C+t-1.
         """
         x = self.token_emb(input_ids)
-        new_u, new_k = [], []
+        new_u: list[torch.Tensor] = []
+        new_k: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             x, u, k = layer.step(x, past_u[i], past_k[i], pad)
             new_u.append(u)
             new_k.append(k)
         return self.to_logits(x), new_u, new_k
 
+    @torch.jit.export
     def empty_state(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The state before any token: per layer, u (0, batch, dim_dsconv) and k (0, batch, heads)."""
-        c = self.config
-        return [torch.zeros(0, batch, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(0, batch, c.heads) for _ in range(c.depth)]
+        """The state before any token: per layer, u (0, batch, dim_dsconv) and k (0, batch, heads).
+
+        Sizes, dtype and device come from the weights (to_weight: (heads, dim_dsconv)), so the scripted
+        module answers this without the Python config.
+        """
+        past_u: list[torch.Tensor] = []
+        past_k: list[torch.Tensor] = []
+        for layer in self.layers:
+            w = layer.dsconv.to_weight.weight
+            past_u.append(w.new_zeros(0, batch, w.shape[1]))
+            past_k.append(w.new_zeros(0, batch, w.shape[0]))
+        return past_u, past_k
 
     def with_conv(self, conv: str) -> "GatedDsConvLM":
         """The same weights (shared, not copied) under another convolution form."""

@@ -181,17 +181,17 @@ def decoder_cases(max_seq_len: int) -> list[tuple[str, list[int], int]]:
     return [c for c in cases if c[2] >= 1] + [("up to max_seq_len", [max_seq_len - 3, 2], 3)]
 
 
-def validate_decoder(folder: Path, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
-    """The decoder with state, driven by the runtime, against eager full forwards at every position.
+def validate_decoder(decoder, artifact: str, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """Incremental decoding against eager full forwards at every position.
 
-    Each case prefills a (ragged) prompt batch, then feeds one token per step; each row's logits
-    at all its positions must equal the eager forward of that row's whole sequence.
+    `decoder` has empty_state(pads), feed(ids (b, t), state) and step(tokens (b,), state), each
+    returning numpy logits and the new state: `gss_runtime.Decoder` over decoder.onnx, or
+    `torchscript_export.ScriptedDecoder` over model.pt's `step`. Each case prefills a (ragged)
+    prompt batch, then feeds one token per step; each row's logits at all its positions must
+    equal the eager forward of that row's whole sequence.
     """
-    from gss_runtime.decoder import Decoder
-
-    decoder = Decoder(folder, provider="cpu")
     reference, name = eager_reference(model)
-    report = ValidationReport(artifact=str(decoder.path), reference=name, tolerance=tolerance)
+    report = ValidationReport(artifact=artifact, reference=name, tolerance=tolerance)
     rng = np.random.default_rng(1)
     cases = decoder_cases(model.config.max_seq_len)
     for i, (case, lengths, steps) in enumerate(cases):

@@ -1,6 +1,9 @@
 """Shared fixtures: a small upstream model with random weights and its reference logits."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +18,48 @@ MAX_LEN = 2048
 LENGTHS = (1, 2, 3, 7, 16, 17, 100, 127, 128, 129, 1000, 1024, 1025, MAX_LEN)
 BATCHES = (1, 3)
 RTOL = 1e-4
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "model.safetensors"
+# the other-language runtimes' check (issue: 24 greedy tokens from a 23-token prompt, equal to eager)
+LANG_PROMPT = list(b"The for statement is us")
+LANG_NEW = 24
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when an optional tool is missing; fail instead under GSS_REQUIRE_EXAMPLES=1 (CI sets it)."""
+    if not condition:
+        if os.environ.get("GSS_REQUIRE_EXAMPLES") == "1":
+            pytest.fail(f"{reason} (GSS_REQUIRE_EXAMPLES=1: required here)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def example_upstream():
+    """The upstream eager model with the bundled example checkpoint's weights."""
+    from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
+    from safetensors.torch import load_file
+
+    model = Upstream(num_tokens=256, dim=128, depth=3, heads=4, dim_dsconv=128, dim_expansion_factor=2).eval()
+    model.load_state_dict(load_file(str(EXAMPLE)), strict=True)
+    return model
+
+
+def eager_greedy(model, prompt, new, window=None) -> list[int]:
+    """Upstream-style decoding: the whole sequence (or its last `window` tokens) re-run for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            context = seq if window is None else seq[-window:]
+            seq.append(int(model(torch.tensor([context]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.fixture(scope="session")
+def lang_reference(example_upstream) -> list[int]:
+    """The 24 greedy tokens upstream eager makes after LANG_PROMPT."""
+    assert len(LANG_PROMPT) == 23
+    return eager_greedy(example_upstream, LANG_PROMPT, LANG_NEW)
 
 
 @pytest.fixture(scope="session")

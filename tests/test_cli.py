@@ -102,6 +102,10 @@ def test_torchscript_export(monkeypatch, capsys, wrapped_ckpt, tmp_path):
     torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
     assert json.loads(extra["config.json"])["export"]["conv"] == "fft"
     assert scripted(torch.zeros(2, 77, dtype=torch.long)).shape == (2, 77, SMALL["num_tokens"])
+    # the scripted step (incremental decoding, runtime/cpp) is validated like the ONNX decoder
+    steps = json.loads((tmp_path / "config.json").read_text())["decoder_validation"]
+    assert steps["ok"] and steps["artifact"].endswith("model.pt (step)") and len(steps["rows"]) == 4
+    assert "model.pt (step)" in stdout
 
 
 def test_external_data_and_no_validate(monkeypatch, capsys, wrapped_ckpt, tmp_path):

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "model.safetensors"
+from conftest import EXAMPLE
 
 
 @pytest.fixture(scope="module")

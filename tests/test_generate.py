@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_without_torch
+from conftest import EXAMPLE, eager_greedy, run_without_torch
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "byte_lm" / "model.safetensors"
 sys.path.insert(0, str(ROOT / "examples"))
 from byte_corpus import load_corpus  # noqa: E402
 
@@ -26,29 +25,9 @@ SHORT_LIMIT = 40  # a second export with a small max_seq_len, to reach the limit
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
-    from safetensors.torch import load_file
-
-    model = Upstream(num_tokens=256, dim=128, depth=3, heads=4, dim_dsconv=128, dim_expansion_factor=2).eval()
-    model.load_state_dict(load_file(str(EXAMPLE)), strict=True)
-    return model
-
-
-@pytest.fixture(scope="module")
 def prompts():
     heldout = load_corpus()[1]
     return {n: list(heldout[1000 : 1000 + n]) for n in (1, 17, 300)}
-
-
-def eager_greedy(model, prompt, new, window=None):
-    """Upstream-style decoding: the whole sequence (or its last `window` tokens) re-run for every token."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(new):
-            context = seq if window is None else seq[-window:]
-            seq.append(int(model(torch.tensor([context]))[0, -1].argmax()))
-    return seq[len(prompt):]
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +89,16 @@ def torch_free(tmp_path_factory, prompts):
 
 
 @pytest.mark.parametrize("length", [1, 17, 300])
-def test_greedy_equals_upstream_full_recompute(torch_free, upstream, prompts, length):
+def test_greedy_equals_upstream_full_recompute(torch_free, example_upstream, prompts, length):
     res, _ = torch_free
-    assert res["alone"][str(length)] == eager_greedy(upstream, prompts[length], NEW)
+    assert res["alone"][str(length)] == eager_greedy(example_upstream, prompts[length], NEW)
 
 
-def test_step_logits_equal_full_forward_at_every_position(torch_free, upstream, prompts):
+def test_step_logits_equal_full_forward_at_every_position(torch_free, example_upstream, prompts):
     _, out = torch_free
     got = np.load(out / "step_logits.npy")
     with torch.no_grad():
-        want = upstream(torch.tensor([prompts[300]]))[0].numpy()
+        want = example_upstream(torch.tensor([prompts[300]]))[0].numpy()
     assert got.shape == want.shape == (300, 256)
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel <= 1e-4, rel
@@ -151,14 +130,14 @@ def test_streaming_eos_and_stop_sequences(torch_free):
     assert res["streamed_stop"] == greedy[:at]  # the stop sequence is never streamed
 
 
-def test_max_seq_len_stops_or_slides_like_upstream(torch_free, upstream, prompts):
+def test_max_seq_len_stops_or_slides_like_upstream(torch_free, example_upstream, prompts):
     res, _ = torch_free
     prompt = prompts[300][:30]
     # 30 prompt tokens + 11 generated: the 11th would have to be fed at position 40
     assert res["limit_stop"]["stop_reasons"] == ["max_seq_len"]
-    assert res["limit_stop"]["tokens"][0] == eager_greedy(upstream, prompt, 11)
+    assert res["limit_stop"]["tokens"][0] == eager_greedy(example_upstream, prompt, 11)
     assert res["limit_slide"]["stop_reasons"] == ["max_new_tokens"]
-    assert res["limit_slide"]["tokens"][0] == eager_greedy(upstream, prompt, 20, window=SHORT_LIMIT)
+    assert res["limit_slide"]["tokens"][0] == eager_greedy(example_upstream, prompt, 20, window=SHORT_LIMIT)
 
 
 def test_state_memory_per_token(torch_free):

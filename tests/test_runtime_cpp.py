@@ -1,0 +1,80 @@
+"""runtime/cpp: build the libtorch example with CMake, generate from the exported example, compare with eager."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch.utils
+
+from conftest import EXAMPLE, LANG_NEW, LANG_PROMPT, require
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "runtime" / "cpp"
+BUILD = ROOT / "build" / "cpp"  # ignored by git; a rebuild with nothing changed is a no-op
+
+
+def run(cmd: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def exe() -> Path:
+    require(shutil.which("cmake") is not None and shutil.which("c++") is not None, "cmake and a C++ compiler are needed (apt-get install cmake g++)")
+    configure = run(["cmake", "-S", SOURCE, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"])
+    require("CLI11 (argument parsing) not found" not in configure.stderr, "CLI11 is needed: apt-get install libcli11-dev")
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    build = run(["cmake", "--build", BUILD, "-j2"])
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return BUILD / "gss_generate"
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    from gss_export.checkpoint import load_checkpoint
+    from gss_export.export import export_model
+
+    out = tmp_path_factory.mktemp("ts_lm")
+    export_model(load_checkpoint(EXAMPLE).model, "torchscript", out, validate=False)
+    return out
+
+
+def generate(exe: Path, model: Path, *options: str) -> dict:
+    ids = ",".join(map(str, LANG_PROMPT))
+    proc = run([exe, model, "--prompt-ids", ids, "--max-new-tokens", str(LANG_NEW), *options], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # one JSON line, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def test_incremental_greedy_equals_eager(exe, model_pt, lang_reference):
+    result = generate(exe, model_pt, "--threads", "2")
+    assert result["decoding"] == "incremental"
+    assert result["tokens"] == lang_reference
+
+
+def test_full_recompute_and_model_file_path_agree(exe, model_pt, lang_reference):
+    result = generate(exe, model_pt / "model.pt", "--full-recompute")
+    assert result == {"tokens": lang_reference, "decoding": "full-recompute"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{model}", "--max-new-tokens", "3"], "--prompt-ids is required"),
+        (["{model}", "--prompt-ids", "1,x", "--max-new-tokens", "3"], "Could not convert"),
+        (["{model}", "--prompt-ids", "1,256", "--max-new-tokens", "3"], "token id 256 is out of range: ids are 0..255"),
+        (["{model}", "--prompt-ids", "1", "--max-new-tokens", "0"], "not in range 1"),
+        (["{model}", "--prompt-ids", "1,2", "--max-new-tokens", "2047"], "exceed the model's max_seq_len 2048"),
+        (["{model}", "--prompt-ids", "1", "--max-new-tokens", "3", "--bogus"], "not expected: --bogus"),
+        (["{model}/missing", "--prompt-ids", "1", "--max-new-tokens", "3"], "no such model"),
+        (["{model}/config.json", "--prompt-ids", "1", "--max-new-tokens", "3"], "is not a TorchScript file"),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(exe, model_pt, args, message):
+    proc = run([exe, *(a.replace("{model}", str(model_pt)) for a in args)], timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert message in proc.stderr and len(proc.stderr.splitlines()) <= 2, proc.stderr
