@@ -22,6 +22,8 @@ out = Console()
 class Format(str, Enum):
     onnx = "onnx"
     torchscript = "torchscript"
+    pt2 = "pt2"
+    aoti = "aoti"
 
 
 class Conv(str, Enum):

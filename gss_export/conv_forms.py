@@ -17,12 +17,15 @@ from .monarch import monarch_causal_conv
 
 FORMS = ("direct", "fft", "monarch")
 CHOICES = FORMS + ("auto",)
-# forms a model can be built with: the exportable ones plus upstream's own FFT code (eager only)
-MODEL_FORMS = FORMS + ("upstream",)
+# forms a model can be built with: the exportable ones, the FFT at length 2n that torch.export keeps
+# symbolic (what `fft` becomes for the pt2 and aoti targets), and upstream's own FFT code (eager only)
+MODEL_FORMS = FORMS + ("fft2n", "upstream")
 
 # Chosen per export target from `python benchmarks/suite.py` (onnxruntime CPU provider vs TorchScript,
 # dim 512, depth 4, 2 threads, lengths 1-4096): see README "Convolution forms".
-AUTO_FORM = {"onnx": "monarch", "torchscript": "fft", "eager": "fft"}
+AUTO_FORM = {"onnx": "monarch", "torchscript": "fft", "eager": "fft", "pt2": "fft2n", "aoti": "fft2n"}
+# torch.export traces Python: a size picked from n by a loop or a table is fixed at the example length
+TORCH_EXPORT_TARGETS = ("pt2", "aoti")
 
 
 def resolve_form(form: str, target: str) -> str:
@@ -31,6 +34,11 @@ def resolve_form(form: str, target: str) -> str:
         return AUTO_FORM[target]
     if form not in FORMS:
         raise ValueError(f"unknown convolution form {form!r}; choose one of {', '.join(CHOICES)}")
+    if target in TORCH_EXPORT_TARGETS:
+        if form == "monarch":
+            raise ValueError("the monarch form picks its block sizes from n in Python, which torch.export would fix "
+                             f"at the example length: use --conv fft or direct for {target}")
+        return "fft2n" if form == "fft" else form
     return form
 
 
@@ -71,8 +79,20 @@ def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     Powers of two keep onnxruntime's DFT on its radix-2 path (its Bluestein path for
     other lengths is slow and loses precision). u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
     """
+    return fft_conv_at(u, K, next_pow2(2 * u.shape[1] - 1))
+
+
+def fft2n_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """FFT form at length 2n: a size torch.export keeps symbolic (pt2, aoti), where a power of two
+    picked from n by a loop would fix the program to the example length. Still a linear convolution
+    (2n >= 2n - 1); torch's FFT is exact at any length. u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
+    """
+    return fft_conv_at(u, K, 2 * u.shape[1])
+
+
+def fft_conv_at(u: torch.Tensor, K: torch.Tensor, length: int) -> torch.Tensor:
+    """The causal convolution through rfft/irfft at `length` >= 2n - 1 (zero padding makes it linear)."""
     n = u.shape[1]
-    length = next_pow2(2 * n - 1)
     fu = torch.fft.rfft(u, n=length, dim=1)
     fk = torch.fft.rfft(K, n=length, dim=1)
     return torch.fft.irfft(fu * fk.unsqueeze(-1), n=length, dim=1)[:, :n]
@@ -149,6 +169,13 @@ class FFTConv(nn.Module):
         return torch.ops.gss_export.fft_causal_conv(u, K)
 
 
+class FFT2nConv(nn.Module):
+    """`fft2n_causal_conv` as a module, traced as plain aten FFT ops (torch.export: pt2, aoti)."""
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        return fft2n_causal_conv(u, K)
+
+
 class MonarchConv(nn.Module):
     """`monarch_causal_conv` (the DFT as small matrix products, `monarch.py`) as a module.
 
@@ -171,4 +198,4 @@ class UpstreamConv(nn.Module):
 
 def make_conv(form: str) -> nn.Module:
     """A fresh conv module for a concrete form name (`direct`, `fft`, `monarch` or `upstream`)."""
-    return {"direct": DirectConv, "fft": FFTConv, "monarch": MonarchConv, "upstream": UpstreamConv}[form]()
+    return {"direct": DirectConv, "fft": FFTConv, "fft2n": FFT2nConv, "monarch": MonarchConv, "upstream": UpstreamConv}[form]()

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import onnx
 import torch
-from torch import nn
 
 from .errors import GSSExportError
+from .export_signatures import StepGraph, step_signature
 from .model import GatedDsConvLM
 from .onnx_export import SUPPORTED_OPSETS, _quiet_exporter
 
@@ -50,18 +50,6 @@ def decoder_io(model: GatedDsConvLM) -> dict:
     }
 
 
-class _DecoderGraph(nn.Module):
-    """`model.step` as a module's forward, so the exporter sees named tensor inputs."""
-
-    def __init__(self, model: GatedDsConvLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, pad, past_u, past_k):
-        logits, new_u, new_k = self.model.step(input_ids, pad, past_u, past_k)
-        return (logits, *new_u, *new_k)
-
-
 def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
     """The decoder graph with batch, new_tokens and context symbolic (context >= 1)."""
     if opset not in SUPPORTED_OPSETS:
@@ -69,33 +57,16 @@ def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
     c = model.config
     if c.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    new = torch.export.Dim("new_tokens", min=1, max=c.max_seq_len)
-    # context >= 1: onnxruntime 1.31 dies (SIGFPE) on a zero-length past; runtimes start from one
-    # padding slot (pad counts it), see gss_runtime.decoder.Decoder.empty_state
-    context = torch.export.Dim("context", min=1, max=c.max_seq_len + 1)
-    # example sizes >= 2 and distinct, so no axis specialises or gets tied to another
-    example = (
-        torch.zeros(2, 3, dtype=torch.long),
-        torch.tensor([1, 0]),
-        # distinct tensors per layer: the exporter would merge aliased inputs into one
-        [torch.zeros(5, 2, c.dim_dsconv) for _ in range(c.depth)],
-        [torch.zeros(5, 2, c.heads) for _ in range(c.depth)],
-    )
+    example, dynamic = step_signature(c)
     with _quiet_exporter():
         program = torch.onnx.export(
-            _DecoderGraph(model.with_conv("direct")).eval(),
+            StepGraph(model.with_conv("direct")).eval(),
             example,
             dynamo=True,
             opset_version=opset,
             input_names=input_names(c.depth),
             output_names=output_names(c.depth),
-            dynamic_shapes={
-                "input_ids": {0: batch, 1: new},
-                "pad": {0: batch},
-                "past_u": [{0: context, 1: batch}] * c.depth,
-                "past_k": [{0: context, 1: batch}] * c.depth,
-            },
+            dynamic_shapes=dynamic,
             verbose=False,
         )
     proto = program.model_proto

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import decoder_export, onnx_export, torchscript_export
+from . import aoti_export, decoder_export, onnx_export, pt2_export, torchscript_export
 from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import ValidationFailed
 from .model import GatedDsConvLM
 from .tolerances import Tolerance, tolerance_for
-from .validation import ValidationReport, default_shapes, validate_decoder, validate_onnx, validate_torchscript
+from .torch_decoder import TorchDecoder
+from .validation import (
+    ValidationReport, default_shapes, validate_aoti, validate_decoder, validate_onnx, validate_pt2, validate_torchscript,
+)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 
 # (stage, done, total, label): stage is "export" or "validate"
 StageProgress = Callable[[str, int, int, str], None]
@@ -31,15 +34,20 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _incremental_decoder(fmt: str, staging: Path, path: Path, decoder: bool):
+def _incremental_decoder(fmt: str, staging: Path, path: Path, decoder: bool, model: GatedDsConvLM):
     """(what decodes this export incrementally, the file it lives in), or None."""
-    if fmt == "onnx" and decoder:
+    if fmt == "onnx":
+        if not decoder:
+            return None
         from gss_runtime.decoder import Decoder
 
         return Decoder(staging, provider="cpu"), decoder_export.FILE
-    if fmt == "torchscript":
-        return torchscript_export.ScriptedDecoder(torchscript_export.load_torchscript(path)), f"{path.name} (step)"
-    return None
+    step = {
+        "torchscript": lambda: torchscript_export.load_torchscript(path).step,
+        "pt2": lambda: pt2_export.load_pt2_programs(path)["step"],
+        "aoti": lambda: aoti_export.load_aoti(path)["step"],
+    }[fmt]()
+    return TorchDecoder(step, model.config), f"{path.name} (step)"
 
 
 def export_model(
@@ -93,6 +101,15 @@ def export_model(
                 torchscript_export.build_torchscript(model, conv=conv), path, {"model": config, "export": settings}
             )
             validator = validate_torchscript
+        elif fmt in ("pt2", "aoti"):
+            settings = pt2_export.export_settings(model, conv=conv, fmt=fmt)
+            path = staging / settings["file"]
+            metadata = {"model": config, "export": settings}
+            if fmt == "pt2":
+                pt2_export.save_pt2(pt2_export.build_programs(model, conv=conv), path, metadata)
+            else:
+                aoti_export.build_and_save_aoti(model, path, metadata, conv=conv)
+            validator = validate_pt2 if fmt == "pt2" else validate_aoti
         else:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         progress("export", 1, 1, f"built {path.name}")
@@ -100,7 +117,7 @@ def export_model(
         if validate:
             report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
             report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder
-            incremental = _incremental_decoder(fmt, staging, path, decoder) if report.ok else None
+            incremental = _incremental_decoder(fmt, staging, path, decoder, model) if report.ok else None
             if incremental is not None:
                 stepper, name = incremental
                 decoder_report = validate_decoder(stepper, str(Path(out_dir) / name), model, tolerance,

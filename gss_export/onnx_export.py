@@ -14,6 +14,7 @@ import torch
 from . import DEFAULT_OPSET, __version__
 from .conv_forms import resolve_form
 from .errors import GSSExportError
+from .export_signatures import forward_signature
 from .model import GatedDsConvLM
 from .onnx_fft import fft_conv_translation
 from .onnx_monarch import monarch_conv_translation
@@ -57,10 +58,7 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     cfg = model.config
     if cfg.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    seq = torch.export.Dim("sequence", min=1, max=cfg.max_seq_len)
-    # an example with batch and length >= 2 so neither axis is specialised to 1
-    example = torch.zeros(2, min(9, cfg.max_seq_len), dtype=torch.long)
+    example, dynamic = forward_signature(cfg)
     build_opset = max(opset, BUILD_MIN_OPSET)
     translation = {
         torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(build_opset),
@@ -71,12 +69,12 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     with _quiet_exporter():
         program = torch.onnx.export(
             target,
-            (example,),
+            example,
             dynamo=True,
             opset_version=opset,
             input_names=["input_ids"],
             output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+            dynamic_shapes=dynamic,
             custom_translation_table=translation,
             verbose=False,
         )
@@ -105,6 +103,7 @@ def annotate(proto: onnx.ModelProto, metadata: dict) -> None:
 
 def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
     """Weights inline unless too big for protobuf (or `external_data=True`): then `model.onnx.data` beside it."""
+    strip_debug_metadata(proto)
     if external_data is None:
         external_data = proto.ByteSize() > INLINE_LIMIT_BYTES
     onnx.save_model(
@@ -115,6 +114,16 @@ def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = N
         location=path.name + ".data",
         size_threshold=1024,
     )
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node metadata (stack traces with local file paths, FX node names).
+
+    Nothing reads it at run time, and it is about 30% of a small model's file (0.6 of 2.3 MB for
+    the example checkpoint), which would distort every size comparison.
+    """
+    for node in proto.graph.node:
+        del node.metadata_props[:]
 
 
 def _rename_symbolic_dims(proto: onnx.ModelProto, *, num_tokens: int) -> None:

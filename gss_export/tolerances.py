@@ -22,6 +22,8 @@ TOLERANCES: dict[str, Tolerance] = {
     # float32 artifacts against float32 eager; measured errors are ~1e-6 relative
     "onnx": Tolerance(rtol=1e-4),
     "torchscript": Tolerance(rtol=1e-4),
+    "pt2": Tolerance(rtol=1e-4),
+    "aoti": Tolerance(rtol=1e-4),
     # our own eager forms against upstream's FFT evaluation
     "eager": Tolerance(rtol=1e-4),
 }

@@ -13,7 +13,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -54,30 +53,3 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location="cpu").eval()
 
-
-class ScriptedDecoder:
-    """Incremental decoding through a loaded model.pt's `step`, with numpy in and out (for validation).
-
-    Mirrors `gss_runtime.Decoder`'s interface: a state is (pad, past_u, past_k); feeding returns
-    new lists and leaves the old state usable.
-    """
-
-    def __init__(self, scripted: torch.jit.ScriptModule):
-        self.scripted = scripted
-
-    def empty_state(self, pads):
-        pad = torch.as_tensor(np.asarray(pads, np.int64))
-        return (pad, *self.scripted.empty_state(len(pad)))
-
-    def feed(self, input_ids, state):
-        """input_ids (b, t) -> logits (b, t, num_tokens) numpy, new state."""
-        pad, past_u, past_k = state
-        with torch.no_grad():
-            logits, new_u, new_k = self.scripted.step(torch.as_tensor(np.asarray(input_ids, np.int64)), pad, past_u, past_k)
-        grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in ((past_u, new_u), (past_k, new_k))]
-        return logits.numpy(), (pad, *grown)
-
-    def step(self, tokens, state):
-        """tokens (b,) -> logits (b, num_tokens), new state."""
-        logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state)
-        return logits[:, 0], state

@@ -167,11 +167,33 @@ def validate_torchscript(path: Path, model: GatedDsConvLM, shapes, tolerance: To
         report.failures.append(f"forward arguments {args}, expected ['input_ids']")
         return report
 
+    return compare(torch_runner(scripted), model, shapes, tolerance, report, on_progress)
+
+
+def validate_pt2(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """The torch.export archive's forward program (`torch.export.load`) against eager."""
+    from .pt2_export import load_pt2_programs
+
+    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
+    return compare(torch_runner(load_pt2_programs(path)["model"]), model, shapes, tolerance, report, on_progress)
+
+
+def validate_aoti(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """The AOTInductor package's compiled forward against eager."""
+    from .aoti_export import load_aoti
+
+    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
+    return compare(torch_runner(load_aoti(path)["model"]), model, shapes, tolerance, report, on_progress)
+
+
+def torch_runner(forward) -> Callable[[np.ndarray], np.ndarray]:
+    """input_ids (b, n) numpy -> logits numpy through a torch callable."""
+
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return scripted(torch.from_numpy(ids)).numpy()
+            return forward(torch.from_numpy(ids)).numpy()
 
-    return compare(run, model, shapes, tolerance, report, on_progress)
+    return run
 
 
 def decoder_cases(max_seq_len: int) -> list[tuple[str, list[int], int]]:
@@ -186,7 +208,7 @@ def validate_decoder(decoder, artifact: str, model: GatedDsConvLM, tolerance: To
 
     `decoder` has empty_state(pads), feed(ids (b, t), state) and step(tokens (b,), state), each
     returning numpy logits and the new state: `gss_runtime.Decoder` over decoder.onnx, or
-    `torchscript_export.ScriptedDecoder` over model.pt's `step`. Each case prefills a (ragged)
+    `torch_decoder.TorchDecoder` over the step of model.pt or model.pt2. Each case prefills a (ragged)
     prompt batch, then feeds one token per step; each row's logits at all its positions must
     equal the eager forward of that row's whole sequence.
     """

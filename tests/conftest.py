@@ -14,8 +14,9 @@ from gss_export.model import GatedDsConvLM, GSSConfig
 SMALL = dict(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=32, dim_expansion_factor=2)
 MAX_LEN = 2048
 # the issue's lengths: 1, 2, non-powers of two, both sides of 128, and the maximum; 2/3, 16/17, 128/129
-# and 1024/1025 straddle the monarch form's block-size changes (its b: 1, 2, 4, 8, 16)
-LENGTHS = (1, 2, 3, 7, 16, 17, 100, 127, 128, 129, 1000, 1024, 1025, MAX_LEN)
+# and 1024/1025 straddle the monarch form's block-size changes (its b: 1, 2, 4, 8, 16); 45 and 900 are
+# the torch.export targets' lengths in the issue
+LENGTHS = (1, 2, 3, 7, 16, 17, 45, 100, 127, 128, 129, 900, 1000, 1024, 1025, MAX_LEN)
 BATCHES = (1, 3)
 RTOL = 1e-4
 
@@ -127,3 +128,14 @@ def run_without_torch(script: str, timeout: int = 300):
     import sys
 
     return subprocess.run([sys.executable, "-c", NO_TORCH + script + LEAK_CHECK], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def example_onnx(tmp_path_factory) -> Path:
+    """The bundled example exported to ONNX once per session: model.onnx, decoder.onnx, config.json."""
+    from gss_export.checkpoint import load_checkpoint
+    from gss_export.export import export_model
+
+    out = tmp_path_factory.mktemp("byte_lm_onnx")
+    export_model(load_checkpoint(EXAMPLE).model, "onnx", out, validate=False)
+    return out

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from gss_export.conv_forms import (
-    AUTO_FORM, causal_conv_step, direct_causal_conv, fft_causal_conv, next_pow2, resolve_form, upstream_fft_conv,
+    AUTO_FORM, causal_conv_step, direct_causal_conv, fft2n_causal_conv, fft_causal_conv, next_pow2, resolve_form,
+    upstream_fft_conv,
 )
 from gss_export.monarch import monarch_causal_conv, monarch_sizes
 
 
 FORMS = (
-    direct_causal_conv, fft_causal_conv, monarch_causal_conv,
+    direct_causal_conv, fft_causal_conv, fft2n_causal_conv, monarch_causal_conv,
     lambda u, K: torch.ops.gss_export.fft_causal_conv(u, K), lambda u, K: torch.ops.gss_export.monarch_causal_conv(u, K),
 )
 
@@ -74,6 +75,11 @@ def test_auto_resolves_per_target_and_names_are_checked():
     assert resolve_form("auto", "onnx") == AUTO_FORM["onnx"] == "monarch"
     assert resolve_form("auto", "torchscript") == AUTO_FORM["torchscript"] == "fft"
     assert resolve_form("fft", "onnx") == "fft"
+    # torch.export targets: the FFT at the symbolic length 2n; monarch's Python-side sizes are refused
+    assert resolve_form("auto", "pt2") == resolve_form("fft", "aoti") == "fft2n"
+    assert resolve_form("direct", "pt2") == "direct"
+    with pytest.raises(ValueError, match="torch.export"):
+        resolve_form("monarch", "aoti")
     with pytest.raises(ValueError, match="unknown convolution form 'sideways'"):
         resolve_form("sideways", "onnx")
 

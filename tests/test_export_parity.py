@@ -11,7 +11,10 @@ import torch
 
 from conftest import BATCHES, LENGTHS, MAX_LEN, RTOL, max_errors
 from gss_export.export import export_model
+from gss_export.torch_decoder import TorchDecoder
+from gss_export.tolerances import Tolerance
 from gss_export.torchscript_export import load_torchscript
+from gss_export.validation import torch_runner, validate_decoder
 
 ONNX_CASES = [
     ("direct", 17), ("direct", 20), ("fft", 17), ("fft", 18), ("fft", 20),
@@ -59,6 +62,28 @@ def test_torchscript_matches_upstream(ours, reference, tmp_path, conv):
             return scripted(torch.from_numpy(ids)).numpy()
 
     assert_parity(run, reference, f"torchscript {conv}")
+
+
+TORCH_EXPORT_CASES = [("pt2", "auto"), ("pt2", "direct"), ("aoti", "auto")]
+
+
+@pytest.mark.parametrize("fmt,conv", TORCH_EXPORT_CASES, ids=[f"{f}-{c}" for f, c in TORCH_EXPORT_CASES])
+def test_torch_export_targets_match_upstream(ours, reference, tmp_path, fmt, conv):
+    """model.pt2 through the public loaders (torch.export.load, aoti_load_package), forward and step."""
+    from torch._inductor import aoti_load_package
+    from torch._inductor.package import load_package
+    from torch.export.pt2_archive._package import load_pt2
+
+    result = export_model(ours, fmt, tmp_path, conv=conv, validate=False)
+    assert result.settings["conv"] == ("direct" if conv == "direct" else "fft2n")
+    path = tmp_path / "model.pt2"
+    if fmt == "pt2":
+        forward, step = torch.export.load(str(path)).module(), load_pt2(str(path)).exported_programs["step"].module()
+    else:
+        forward, step = aoti_load_package(str(path)), load_package(str(path), "step")
+    assert_parity(torch_runner(forward), reference, f"{fmt} {conv}")
+    steps = validate_decoder(TorchDecoder(step, ours.config), f"{fmt} step", ours, Tolerance(rtol=RTOL))
+    assert steps.ok and len(steps.rows) == 4, steps.failures
 
 
 @pytest.mark.parametrize("conv", ["direct", "fft", "monarch"])

@@ -31,14 +31,23 @@ def exe() -> Path:
     return BUILD / "gss_generate"
 
 
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory) -> Path:
+def export_example(tmp_path_factory, fmt: str) -> Path:
     from gss_export.checkpoint import load_checkpoint
     from gss_export.export import export_model
 
-    out = tmp_path_factory.mktemp("ts_lm")
-    export_model(load_checkpoint(EXAMPLE).model, "torchscript", out, validate=False)
+    out = tmp_path_factory.mktemp(f"{fmt}_lm")
+    export_model(load_checkpoint(EXAMPLE).model, fmt, out, validate=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    return export_example(tmp_path_factory, "torchscript")
+
+
+@pytest.fixture(scope="module")
+def model_aoti(tmp_path_factory) -> Path:
+    return export_example(tmp_path_factory, "aoti")
 
 
 def generate(exe: Path, model: Path, *options: str) -> dict:
@@ -52,13 +61,23 @@ def generate(exe: Path, model: Path, *options: str) -> dict:
 
 def test_incremental_greedy_equals_eager(exe, model_pt, lang_reference):
     result = generate(exe, model_pt, "--threads", "2")
-    assert result["decoding"] == "incremental"
-    assert result["tokens"] == lang_reference
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental"}
 
 
 def test_full_recompute_and_model_file_path_agree(exe, model_pt, lang_reference):
     result = generate(exe, model_pt / "model.pt", "--full-recompute")
-    assert result == {"tokens": lang_reference, "decoding": "full-recompute"}
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute"}
+
+
+def test_aoti_package_incremental_and_full_equal_eager(exe, model_aoti, lang_reference):
+    assert generate(exe, model_aoti) == {"tokens": lang_reference, "format": "aoti", "decoding": "incremental"}
+    full = generate(exe, model_aoti / "model.pt2", "--full-recompute")
+    assert full == {"tokens": lang_reference, "format": "aoti", "decoding": "full-recompute"}
+
+
+def test_pt2_archive_is_refused_with_the_way_out(exe, tmp_path_factory):
+    proc = run([exe, export_example(tmp_path_factory, "pt2"), "--prompt-ids", "1", "--max-new-tokens", "2"], timeout=60)
+    assert proc.returncode == 2 and "not a gss-export AOTInductor package" in proc.stderr and "--format aoti" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,24 +1,32 @@
-// gss_generate: greedy text generation from a gss-export TorchScript model (model.pt) with libtorch.
+// gss_generate: greedy text generation from a gss-export model with libtorch, no Python at run time.
 //
 //   gss_generate MODEL --prompt-ids 1,2,3 --max-new-tokens N [--threads T] [--full-recompute]
 //
-// MODEL is a gss-export folder or its model.pt. Prints one JSON line: {"tokens": [...], ...} with the
-// generated ids only. Decoding is incremental: the scripted module's `step` method takes the new
-// tokens and the per-layer state (conv inputs and kernel values of every slot so far) and returns the
-// new entries, which go into buffers sized for the whole run, so a token costs one position's work
-// plus one read of the state. Exports made before `step` existed fall back to a full forward per token.
+// MODEL is a gss-export folder, its model.pt (--format torchscript) or its model.pt2 (--format aoti,
+// an AOTInductor package); a folder holding both runs model.pt2. Prints one JSON line:
+// {"tokens": [...], ...} with the generated ids only. Decoding is incremental: both formats carry a
+// `step` (the TorchScript method, the package's second model) that takes the new tokens and the
+// per-layer state (conv inputs and kernel values of every slot so far) and returns the new entries,
+// which go into buffers sized for the whole run, so a token costs one position's work plus one read
+// of the state. TorchScript files exported before `step` existed fall back to a full forward per token.
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
 #include <CLI/CLI.hpp>
 
 #include <filesystem>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
 namespace {
+
+namespace fs = std::filesystem;
+using Tensors = std::vector<torch::Tensor>;
 
 // Bad input the user can fix: printed as one line, exit status 2.
 struct UsageError : std::runtime_error {
@@ -27,31 +35,83 @@ struct UsageError : std::runtime_error {
 
 constexpr int64_t kPrefillChunk = 256;  // keeps each chunk's (t, context + t) kernel taps cache-sized
 
+// A loaded model behind one interface. step's inputs and outputs are flat, in the ONNX decoder's
+// order: (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..).
 struct Model {
-  torch::jit::Module module;
-  int64_t num_tokens = 0;
-  int64_t max_seq_len = 0;
-  bool incremental = false;
+  std::string format;
+  int64_t num_tokens = 0, max_seq_len = 0, depth = 0, heads = 0, dim_dsconv = 0;
+  std::function<torch::Tensor(const torch::Tensor&)> forward;
+  std::function<Tensors(const Tensors&)> step;  // empty when the file has no step
 };
 
-Model load_model(std::filesystem::path path) {
-  if (std::filesystem::is_directory(path)) path /= "model.pt";
-  if (!std::filesystem::is_regular_file(path))
-    throw UsageError("no such model: " + path.string() + " (export one with gss-export CKPT --format torchscript)");
-  Model m;
+Model load_torchscript(const fs::path& path) {
+  auto module = std::make_shared<torch::jit::Module>();
   try {
-    m.module = torch::jit::load(path.string(), torch::kCPU);
+    *module = torch::jit::load(path.string(), torch::kCPU);
   } catch (const c10::Error&) {
     throw UsageError(path.string() + " is not a TorchScript file (export one with gss-export --format torchscript)");
   }
-  m.module.eval();
-  for (const auto& p : m.module.named_parameters())
+  module->eval();
+  Model m;
+  m.format = "torchscript";
+  for (const auto& p : module->named_parameters()) {
     if (p.name == "to_logits.weight") m.num_tokens = p.value.size(0);
-  if (m.num_tokens == 0 || !m.module.hasattr("max_seq_len"))
-    throw UsageError(path.string() + " is not a gss-export GatedDsConvLM (no to_logits.weight or max_seq_len)");
-  m.max_seq_len = m.module.attr("max_seq_len").toInt();
-  m.incremental = m.module.find_method("step").has_value() && m.module.find_method("empty_state").has_value();
+    const std::string suffix = ".dsconv.to_weight.weight";
+    if (p.name.size() > suffix.size() && p.name.compare(p.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      m.depth += 1;  // to_weight: (heads, dim_dsconv), one per layer
+      m.heads = p.value.size(0);
+      m.dim_dsconv = p.value.size(1);
+    }
+  }
+  if (m.num_tokens == 0 || m.depth == 0 || !module->hasattr("max_seq_len"))
+    throw UsageError(path.string() + " is not a gss-export GatedDsConvLM (no to_logits, dsconv layers or max_seq_len)");
+  m.max_seq_len = module->attr("max_seq_len").toInt();
+  m.forward = [module](const torch::Tensor& ids) { return module->forward({ids}).toTensor(); };
+  if (module->find_method("step")) {
+    const auto depth = m.depth;
+    m.step = [module, depth](const Tensors& in) {
+      c10::List<torch::Tensor> u(Tensors(in.begin() + 2, in.begin() + 2 + depth)), k(Tensors(in.begin() + 2 + depth, in.end()));
+      auto out = module->run_method("step", in[0], in[1], u, k).toTuple();
+      Tensors flat{out->elements()[0].toTensor()};
+      for (int half = 1; half <= 2; ++half)
+        for (const auto& t : out->elements()[half].toTensorVector()) flat.push_back(t);
+      return flat;
+    };
+  }
   return m;
+}
+
+Model load_aoti(const fs::path& path) {
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> forward, step;
+  try {
+    forward = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path.string(), "model");
+    step = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path.string(), "step");
+  } catch (const std::exception&) {
+    throw UsageError(path.string() + " is not a gss-export AOTInductor package (export one with gss-export --format aoti; "
+                     "a --format pt2 archive runs only in Python)");
+  }
+  auto meta = forward->get_metadata();
+  auto size = [&](const std::string& key) {
+    if (!meta.count(key)) throw UsageError(path.string() + " lacks the gss-export metadata " + key + " (re-export with gss-export --format aoti)");
+    return std::stoll(meta.at(key));
+  };
+  Model m;
+  m.format = "aoti";
+  m.num_tokens = size("num_tokens");
+  m.max_seq_len = size("max_seq_len");
+  m.depth = size("depth");
+  m.heads = size("heads");
+  m.dim_dsconv = size("dim_dsconv");
+  m.forward = [forward](const torch::Tensor& ids) { return forward->run({ids})[0]; };
+  m.step = [step](const Tensors& in) { return step->run(in); };
+  return m;
+}
+
+Model load_model(fs::path path) {
+  if (fs::is_directory(path)) path /= fs::exists(path / "model.pt2") ? "model.pt2" : "model.pt";
+  if (!fs::is_regular_file(path))
+    throw UsageError("no such model: " + path.string() + " (export one with gss-export CKPT --format torchscript or aoti)");
+  return path.extension() == ".pt2" ? load_aoti(path) : load_torchscript(path);
 }
 
 torch::Tensor ids_tensor(const std::vector<int64_t>& ids) {
@@ -62,44 +122,35 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
   return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
 }
 
-// Slot-major state buffers (capacity, 1, width) for the whole run; `filled` slots are in use.
+// Slot-major state buffers (capacity, 1, width) for the whole run; `filled` slots are in use. Slot 0
+// is padding (pad = 1 says position 0 is slot 1): the exported steps take a past of at least one slot.
 class Decoder {
  public:
-  Decoder(torch::jit::Module& module, int64_t capacity) : module_(module) {
-    auto empty = module_.run_method("empty_state", int64_t{1}).toTuple();
-    for (int half = 0; half < 2; ++half)
-      for (const torch::Tensor& t : empty->elements()[half].toTensorVector())
-        (half == 0 ? u_ : k_).push_back(torch::empty({capacity, 1, t.size(2)}));
+  Decoder(const Model& m, int64_t capacity) : step_(m.step), pad_(torch::ones({1}, torch::kInt64)) {
+    for (int64_t i = 0; i < 2 * m.depth; ++i)
+      buffers_.push_back(torch::zeros({capacity + 1, 1, i < m.depth ? m.dim_dsconv : m.heads}));
   }
 
-  // ids for slots filled..filled+t-1 -> logits (1, t, num_tokens); their entries are appended.
+  // ids for the next slots -> logits (1, t, num_tokens); their entries are appended.
   torch::Tensor feed(const std::vector<int64_t>& ids) {
-    auto pad = torch::zeros({1}, torch::kInt64);
-    auto out = module_.run_method("step", ids_tensor(ids), pad, filled_part(u_), filled_part(k_)).toTuple();
+    Tensors in{ids_tensor(ids), pad_};
+    for (const auto& b : buffers_) in.push_back(b.narrow(0, 0, filled_));  // views, no copy
+    auto out = step_(in);
     const auto t = static_cast<int64_t>(ids.size());
-    append(u_, out->elements()[1].toTensorList(), t);
-    append(k_, out->elements()[2].toTensorList(), t);
+    for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].narrow(0, filled_, t).copy_(out[i + 1]);
     filled_ += t;
-    return out->elements()[0].toTensor();
+    return out[0];
   }
 
  private:
-  c10::List<torch::Tensor> filled_part(const std::vector<torch::Tensor>& buffers) const {
-    c10::List<torch::Tensor> views;
-    for (const auto& b : buffers) views.push_back(b.narrow(0, 0, filled_));  // a view, no copy
-    return views;
-  }
-  void append(std::vector<torch::Tensor>& buffers, const c10::List<torch::Tensor>& entries, int64_t t) {
-    for (size_t i = 0; i < buffers.size(); ++i) buffers[i].narrow(0, filled_, t).copy_(entries.get(i));
-  }
-
-  torch::jit::Module& module_;
-  std::vector<torch::Tensor> u_, k_;
-  int64_t filled_ = 0;
+  std::function<Tensors(const Tensors&)> step_;
+  torch::Tensor pad_;
+  Tensors buffers_;
+  int64_t filled_ = 1;
 };
 
-std::vector<int64_t> generate_incremental(Model& m, const std::vector<int64_t>& prompt, int64_t max_new) {
-  Decoder decoder(m.module, static_cast<int64_t>(prompt.size()) + max_new);
+std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new) {
+  Decoder decoder(m, static_cast<int64_t>(prompt.size()) + max_new);
   torch::Tensor logits;
   for (size_t start = 0; start < prompt.size(); start += kPrefillChunk) {
     auto end = std::min(prompt.size(), start + kPrefillChunk);
@@ -110,10 +161,10 @@ std::vector<int64_t> generate_incremental(Model& m, const std::vector<int64_t>& 
   return tokens;
 }
 
-std::vector<int64_t> generate_full(Model& m, std::vector<int64_t> sequence, int64_t max_new) {
+std::vector<int64_t> generate_full(const Model& m, std::vector<int64_t> sequence, int64_t max_new) {
   std::vector<int64_t> tokens;
   for (int64_t i = 0; i < max_new; ++i) {
-    tokens.push_back(argmax_last(m.module.forward({ids_tensor(sequence)}).toTensor()));
+    tokens.push_back(argmax_last(m.forward(ids_tensor(sequence))));
     sequence.push_back(tokens.back());
   }
   return tokens;
@@ -129,28 +180,28 @@ void check_prompt(const Model& m, const std::vector<int64_t>& prompt, int64_t ma
                      " new tokens exceed the model's max_seq_len " + std::to_string(m.max_seq_len));
 }
 
-std::string to_json(const std::vector<int64_t>& tokens, bool incremental) {
+std::string to_json(const std::vector<int64_t>& tokens, const std::string& format, bool incremental) {
   std::ostringstream out;
   out << "{\"tokens\": [";
   for (size_t i = 0; i < tokens.size(); ++i) out << (i ? ", " : "") << tokens[i];
-  out << "], \"decoding\": \"" << (incremental ? "incremental" : "full-recompute") << "\"}";
+  out << "], \"format\": \"" << format << "\", \"decoding\": \"" << (incremental ? "incremental" : "full-recompute") << "\"}";
   return out.str();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Greedy generation from a gss-export TorchScript model (model.pt)", "gss_generate"};
+  CLI::App app{"Greedy generation from a gss-export model: TorchScript (model.pt) or AOTInductor (model.pt2)", "gss_generate"};
   std::string model_path;
   std::vector<int64_t> prompt;
   int64_t max_new = 0;
   int threads = 0;
   bool full = false;
-  app.add_option("MODEL", model_path, "gss-export folder or its model.pt")->required();
+  app.add_option("MODEL", model_path, "gss-export folder, model.pt or model.pt2")->required();
   app.add_option("--prompt-ids", prompt, "prompt token ids, comma-separated: 1,2,3")->required()->delimiter(',');
   app.add_option("--max-new-tokens", max_new, "tokens to generate")->required()->check(CLI::Range(1, 1 << 24));
   app.add_option("--threads", threads, "intra-op threads (default: torch's)")->check(CLI::Range(1, 1024));
-  app.add_flag("--full-recompute", full, "run the whole sequence per token instead of the step method");
+  app.add_flag("--full-recompute", full, "run the whole sequence per token instead of the step");
   CLI11_PARSE(app, argc, argv);  // prints a one-line message and exits non-zero on bad arguments
 
   try {
@@ -158,9 +209,9 @@ int main(int argc, char** argv) {
     torch::NoGradGuard no_grad;
     Model model = load_model(model_path);
     check_prompt(model, prompt, max_new);
-    bool incremental = model.incremental && !full;
+    bool incremental = model.step && !full;
     auto tokens = incremental ? generate_incremental(model, prompt, max_new) : generate_full(model, prompt, max_new);
-    std::cout << to_json(tokens, incremental) << std::endl;
+    std::cout << to_json(tokens, model.format, incremental) << std::endl;
   } catch (const UsageError& e) {
     std::cerr << "gss_generate: error: " << e.what() << std::endl;
     return 2;

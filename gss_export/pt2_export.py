@@ -1,0 +1,93 @@
+"""Export to a torch.export archive: `model.pt2` holding the programs `model` (forward) and `step`.
+
+`torch.export.load(path)` gives the forward program, dynamic in batch and length (up to
+max_seq_len); `load_pt2(path).exported_programs["step"]` the incremental decoder, with the ONNX
+decoder's interface (a past of at least one slot). The FFT conv runs as plain aten FFT ops at
+length 2n (`conv_forms.fft2n_causal_conv`), which torch.export keeps symbolic; the aoti target
+compiles the same programs (`aoti_export.py`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from . import __version__
+from .conv_forms import resolve_form
+from .errors import GSSExportError
+from .export_signatures import StepGraph, forward_signature, step_signature
+from .model import GatedDsConvLM
+
+FILE = "model.pt2"
+PROGRAMS = ("model", "step")
+
+
+def export_settings(model: GatedDsConvLM, *, conv: str, fmt: str = "pt2") -> dict:
+    return {
+        "format": fmt,
+        "file": FILE,
+        "conv": torch_export_form(conv, fmt),
+        "conv_requested": conv,
+        "programs": list(PROGRAMS),
+        "dtype": "float32",
+        "gss_export_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def torch_export_form(conv: str, fmt: str) -> str:
+    try:
+        return resolve_form(conv, fmt)
+    except ValueError as e:
+        raise GSSExportError(str(e)) from None
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """torch.export and inductor log and warn at length about things that are fine here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export", "torch._inductor", "torch.fx")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def build_programs(model: GatedDsConvLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
+    """{"model": forward, "step": StepGraph} exported with batch, length and context symbolic."""
+    if model.config.max_seq_len < 2:
+        raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
+    target = model.with_conv(torch_export_form(conv, fmt))
+    fwd_example, fwd_dynamic = forward_signature(model.config)
+    step_example, step_dynamic = step_signature(model.config)
+    with quiet_tracing():
+        return {
+            "model": torch.export.export(target, fwd_example, dynamic_shapes=fwd_dynamic),
+            # the step's convolution is the direct product over the past at any form
+            "step": torch.export.export(StepGraph(target).eval(), step_example, dynamic_shapes=step_dynamic),
+        }
+
+
+def save_pt2(programs: dict[str, ExportedProgram], path: Path, metadata: dict) -> None:
+    from torch.export.pt2_archive._package import package_pt2
+
+    package_pt2(str(path), exported_programs=programs, extra_files={"config.json": json.dumps(metadata)})
+
+
+def load_pt2_programs(path: Path) -> dict[str, torch.nn.Module]:
+    """{"model": forward module, "step": step module} from a model.pt2 written by `save_pt2`."""
+    from torch.export.pt2_archive._package import load_pt2
+
+    with quiet_tracing():
+        programs = load_pt2(str(path)).exported_programs
+        return {name: programs[name].module() for name in PROGRAMS}

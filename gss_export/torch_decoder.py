@@ -1,0 +1,43 @@
+"""Incremental decoding through a torch `step` (TorchScript, torch.export or AOTInductor), numpy in and out.
+
+The same interface as `gss_runtime.Decoder` over decoder.onnx (empty_state / feed / step), so one
+validation (`validation.validate_decoder`) checks every target's incremental decoding. A state is
+(pad, past_u, past_k); feeding returns new lists and leaves the old state usable.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .model import GSSConfig
+
+
+class TorchDecoder:
+    """step(input_ids, pad, past_u, past_k) -> (logits, new_u, new_k) nested, or flat (logits, *new_u, *new_k)."""
+
+    def __init__(self, step: Callable, config: GSSConfig):
+        self.step_fn, self.config = step, config
+
+    def empty_state(self, pads):
+        """One zero padding slot (pad counts it): the exported steps need a past of at least one slot."""
+        c = self.config
+        pad = torch.as_tensor(np.asarray(pads, np.int64)) + 1
+        b = len(pad)
+        return pad, [torch.zeros(1, b, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
+
+    def feed(self, input_ids, state):
+        """input_ids (b, t) -> logits (b, t, num_tokens) numpy, new state."""
+        pad, past_u, past_k = state
+        with torch.no_grad():
+            out = self.step_fn(torch.as_tensor(np.asarray(input_ids, np.int64)), pad, past_u, past_k)
+        depth = self.config.depth
+        logits, new_u, new_k = out if len(out) == 3 and isinstance(out[1], (list, tuple)) else (out[0], out[1 : 1 + depth], out[1 + depth :])
+        grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in ((past_u, new_u), (past_k, new_k))]
+        return logits.numpy(), (pad, *grown)
+
+    def step(self, tokens, state):
+        """tokens (b,) -> logits (b, num_tokens), new state."""
+        logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state)
+        return logits[:, 0], state

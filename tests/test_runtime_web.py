@@ -1,0 +1,82 @@
+"""runtime/web (onnxruntime-web in headless Chromium) against upstream eager; errors shown in the page."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import LANG_NEW, LANG_PROMPT, require
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "runtime" / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node binary, once the page's packages and Chromium are installed (session scope: skips before the export)."""
+    require(None not in (shutil.which("node"), shutil.which("npm")), "node/npm not found: install Node.js 20+ with npm")
+    require(all((WEB_DIR / "node_modules" / p).is_dir() for p in ("onnxruntime-web", "playwright-core")),
+            "runtime/web has no node_modules: run `npm ci --prefix runtime/web`")
+    require(CHROMIUM.is_file(), f"{CHROMIUM} not found: run `apt-get install -y chromium` (Debian)")
+    return shutil.which("node")
+
+
+@pytest.fixture(scope="module")
+def page_url(node, example_onnx):
+    """The page served on 127.0.0.1 (any free port) by runtime/web/serve.py, the exported example at /model/."""
+    spec = importlib.util.spec_from_file_location("gss_web_serve", WEB_DIR / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    server = serve.make_server(example_onnx)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/web/?model=/model/"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def drive(node: str, url: str, screenshot: Path, *args: str) -> dict:
+    proc = subprocess.run([node, WEB_DIR / "test" / "drive.mjs", url, screenshot, *args],
+                          capture_output=True, text=True, timeout=300, cwd=WEB_DIR)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, f"{path}: not a real screenshot"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 800 and height >= 600
+
+
+def test_web_page_greedy_matches_eager(node, page_url, lang_reference, tmp_path):
+    shot = tmp_path / "web_generate.png"
+    result = drive(node, page_url, shot, "--prompt", bytes(LANG_PROMPT).decode(), "--max-new-tokens", str(LANG_NEW))
+    assert result["state"] == "done", result["status"]
+    assert result["tokens"] == lang_reference
+    assert set(range(1, LANG_NEW + 1)) <= set(result["counts"])  # each token was shown as it came
+    assert result["text"] == bytes(LANG_PROMPT + lang_reference).decode("utf-8", "replace")
+    assert result["errors"] == []
+    check_png(shot)
+
+
+# the checks themselves are shared with generate.js (tested there): here, that the page shows them
+@pytest.mark.parametrize("args, message", [
+    (["--ids", "--prompt", "1, 300"], "ids must be in [0, 256)"),
+    (["--prompt", "ab", "--max-new-tokens", "0"], "max new tokens must be a positive integer"),
+])
+def test_web_page_shows_bad_input(args, message, node, page_url, tmp_path):
+    result = drive(node, page_url, tmp_path / "web_error.png", *args)
+    assert result["state"] == "error" and message in result["status"], result
+
+
+def test_web_page_reports_a_missing_model(node, page_url, tmp_path):
+    result = drive(node, page_url.replace("model=/model/", "model=/nowhere/"), tmp_path / "web_missing.png", "--prompt", "a")
+    assert result["state"] == "error" and "cannot load config.json" in result["status"] and "404" in result["status"]
