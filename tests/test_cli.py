@@ -108,6 +108,18 @@ def test_torchscript_export(monkeypatch, capsys, wrapped_ckpt, tmp_path):
     assert "model.pt (step)" in stdout
 
 
+def test_pt2_export_and_monarch_refused_for_torch_export(monkeypatch, capsys, wrapped_ckpt, tmp_path):
+    code, stdout, err = run_cli(monkeypatch, capsys, wrapped_ckpt, "-f", "pt2", "-o", tmp_path, "--max-seq-len", "200", "--lengths", "1,45,200")
+    assert code == 0, err
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["export"]["conv"] == "fft2n" and config["validation"]["ok"] and config["decoder_validation"]["ok"]
+    assert torch.export.load(str(tmp_path / "model.pt2")).module()(torch.zeros(2, 77, dtype=torch.long)).shape == (2, 77, SMALL["num_tokens"])
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, wrapped_ckpt, "-f", "aoti", "--conv", "monarch", "-o", tmp_path)
+    assert code == 2 and "torch.export would fix" in err and "--conv fft or direct" in err
+    assert snapshot(tmp_path) == before
+
+
 def test_external_data_and_no_validate(monkeypatch, capsys, wrapped_ckpt, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, wrapped_ckpt, "-o", tmp_path, "--external-data", "--no-validate", "--conv", "fft", "--max-seq-len", "128")
     assert code == 0, err
