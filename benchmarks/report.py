@@ -21,7 +21,8 @@ def write_markdown(results: dict, path: Path) -> str:
         f"floor = model FLOPs / {m['matmul_gflops']:.0f} GFLOP/s):",
         "",
     ]
-    names = list(results["prefill"][0]["ms"])
+    variants = set(_variant_names(results)[1])  # in a table of their own
+    names = [n for n in results["prefill"][0]["ms"] if n not in variants]
     lines.append("| length | floor | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
     for row in results["prefill"]:
@@ -32,6 +33,7 @@ def write_markdown(results: dict, path: Path) -> str:
             ratio = "" if name == EAGER else f"{eager / t:.2f}x, "
             cells.append(f"{t:.1f} ({ratio}{floor / t:.0%})")
         lines.append(f"| {row['length']} | {floor:.1f} | " + " | ".join(cells) + " |")
+    lines += _variant_table(results)
     if results["decode"]:
         lines += ["", "**Decode** (greedy, after a prompt of `context` tokens; floor = weight bytes / bandwidth per step):", "",
                   "| context | gss-run tok/s | full recompute tok/s | speed-up | ms per token | weight floor ms | state per token |",
@@ -53,6 +55,30 @@ def write_markdown(results: dict, path: Path) -> str:
     return text
 
 
+def _variant_names(results: dict) -> tuple[str | None, list[str]]:
+    """(the float32 `onnx auto (...)` contender, the reduced-precision exports of it)."""
+    base = next((n for n in results["prefill"][0]["ms"] if n.startswith("onnx auto (")), None)
+    return base, [n for n in results["prefill"][0]["ms"] if base and n.startswith("onnx auto ") and n != base]
+
+
+def _variant_table(results: dict) -> list[str]:
+    """fp16 / int8 exports of `auto` against its float32 export: prefill ms (speed-up) per length, and size."""
+    base, names = _variant_names(results)
+    if not names:
+        return []
+    lines = ["", "**Reduced precision** (`gss-export --dtype fp16`, `--quantize int8`, `--quantize int8 --int8-activations "
+             f"per-tensor`), prefill ms (speed-up over the float32 export `{base}`):", "",
+             "| length | float32 | " + " | ".join(n.removeprefix("onnx auto ") for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in results["prefill"]:
+        fp32 = row["ms"][base]
+        lines.append(f"| {row['length']} | {fp32:.1f} | " + " | ".join(f"{row['ms'][n]:.1f} ({fp32 / row['ms'][n]:.2f}x)" for n in names) + " |")
+    sizes = results["artifacts"]
+    if all("bytes" in sizes.get(n, {}) for n in [base] + names):
+        lines.append(f"| size MB (model + decoder) | {sizes[base]['bytes'] / 1e6:.1f} | "
+                     + " | ".join(f"{sizes[n]['bytes'] / 1e6:.1f} ({sizes[n]['bytes'] / sizes[base]['bytes']:.2f}x)" for n in names) + " |")
+    return lines
+
+
 def write_plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -61,7 +87,7 @@ def write_plot(results: dict, path: Path) -> None:
 
     lengths = [r["length"] for r in results["prefill"]]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name in results["prefill"][0]["ms"]:
+    for name in results["prefill"][0]["ms"]:  # the reduced-precision exports too: latency is what they trade for
         ax.plot(lengths, [r["ms"][name] for r in results["prefill"]], marker="o", label=name,
                 linewidth=2.5 if name in (EAGER,) or name.startswith("onnx auto") else 1.2)
     ax.plot(lengths, [r["compute_floor_ms"] for r in results["prefill"]], "k--", label="compute floor (FLOPs / matmul rate)")

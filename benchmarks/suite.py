@@ -9,11 +9,14 @@ exported with max_seq_len = the longest length. In one process, on the same thre
 - the machine: float32 matrix-multiply rate (torch and onnxruntime, the better one counts) and
   memory bandwidth;
 - prefill latency per length for upstream eager, ONNX on onnxruntime's CPU provider (every conv
-  form and `auto`), TorchScript (`auto` and `monarch`), and where a GPU is usable, onnxruntime's
+  form and `auto`), TorchScript (`auto` and `monarch`), the torch.export archive (pt2) and its
+  AOTInductor compilation (aoti), and where a GPU is usable, onnxruntime's
   CUDA provider against eager CUDA; each length times every contender in turn (median of repeats),
   and each time is also given as a fraction of the compute floor (model FLOPs / matmul rate);
 - decode tokens per second (gss-run's decoder with state against upstream full recompute), each
   step against the weight-streaming floor (weight bytes / bandwidth);
+- the reduced-precision exports of `auto` (fp16, int8, int8 with one activation scale per tensor
+  everywhere) beside it: prefill latency and size, with the ratio to the float32 export;
 - export time and artifact size; peak memory of a prefill at the longest length (a fresh process
   per contender, so one's peak cannot hide another's).
 
@@ -42,7 +45,13 @@ from report import write_markdown, write_plot
 from gss_export.conv_forms import AUTO_FORM
 from gss_export.export import export_model
 from gss_export.onnx_export import build_onnx, save_onnx
+from gss_export.aoti_export import load_aoti
+from gss_export.pt2_export import load_pt2_programs
 from gss_export.torchscript_export import build_torchscript, save_torchscript
+from gss_export.variant_export import VariantRequest
+
+# the reduced-precision exports of `auto` (gss-export --dtype fp16 / --quantize int8 [--int8-activations per-tensor])
+VARIANTS = {"fp16": {}, "int8": {}, "int8 per-tensor": {"int8_activations": "per-tensor"}}
 
 PEAK_SCRIPT = """
 import json, sys
@@ -72,6 +81,13 @@ else:
         cfg = json.loads(path)
         base = hwm_kib()
         m = GatedDsConvLM(**cfg).eval()
+    elif kind == "pt2":
+        base = hwm_kib()
+        m = torch.export.load(path).module()
+    elif kind == "aoti":
+        from torch._inductor import aoti_load_package
+        base = hwm_kib()
+        m = aoti_load_package(path)
     else:
         base = hwm_kib()
         m = torch.jit.load(path)
@@ -156,6 +172,25 @@ def main() -> None:
         session = ort.InferenceSession(str(auto_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
         contenders[name] = lambda ids, s=session: s.run(None, {"input_ids": ids})
         paths[name] = ("onnx", str(auto_dir / "model.onnx"))
+        for label, request in VARIANTS.items():
+            start = time.perf_counter()
+            folder = tmp / f"auto_{label.replace(' ', '_')}"
+            export_model(ours, "onnx", folder, validate=False, variant=VariantRequest(label.split()[0], **request))
+            name = f"onnx auto {label}"
+            results["artifacts"][name] = {"export_seconds": time.perf_counter() - start,
+                                          "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".onnx")}
+            session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            contenders[name] = lambda ids, s=session: s.run(None, {"input_ids": ids})
+            paths[name] = ("onnx", str(folder / "model.onnx"))
+        for fmt in ("pt2", "aoti"):  # torch.export's archive and its AOTInductor compilation (TorchScript's successors)
+            start = time.perf_counter()
+            folder = tmp / fmt
+            export_model(ours, fmt, folder, validate=False)
+            name = f"{fmt} ({AUTO_FORM[fmt]})"
+            results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": (folder / "model.pt2").stat().st_size}
+            forward = load_pt2_programs(folder / "model.pt2")["model"] if fmt == "pt2" else load_aoti(folder / "model.pt2")["model"]
+            contenders[name] = lambda ids, f=forward: f(torch.from_numpy(ids))
+            paths[name] = (fmt, str(folder / "model.pt2"))
         for form in (AUTO_FORM["torchscript"], "monarch"):
             start = time.perf_counter()
             path = tmp / f"ts_{form}.pt"

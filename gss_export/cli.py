@@ -26,6 +26,20 @@ class Format(str, Enum):
     aoti = "aoti"
 
 
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
+class Int8Activations(str, Enum):
+    auto = "auto"
+    per_tensor = "per-tensor"
+
+
 class Conv(str, Enum):
     auto = "auto"
     direct = "direct"
@@ -60,6 +74,13 @@ def export(
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
     decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="ONNX: also write decoder.onnx, the decoder with state for generation"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),
+    dtype: DType = typer.Option(DType.fp32, "--dtype", help="ONNX: fp16 stores float16 weights and computes float16 where onnxruntime can"),
+    quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="ONNX: int8 weights, activations quantized at run time (onnxruntime's tools)"),
+    int8_activations: Int8Activations = typer.Option(Int8Activations.auto, "--int8-activations", help="auto: one scale per tensor only where that is accurate; per-tensor: everywhere (fastest)"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="fp16/int8: least top-1 agreement with float32 eager on held-out text (default 0.99 / 0.95)"),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8: largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.03)"),
+    heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8: text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
+    heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
 ) -> None:
     """Export a GatedDsConvLM checkpoint to ONNX or TorchScript, dynamic in batch and length, validated against eager PyTorch."""
     from .checkpoint import load_checkpoint
@@ -67,6 +88,7 @@ def export(
     from .tolerances import tolerance_for
     from .validation import DEFAULT_BATCHES, DEFAULT_LENGTHS, default_shapes
 
+    kind = _variant_kind(format, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
     loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle)
@@ -77,6 +99,15 @@ def export(
     )
     for note in loaded.notes:
         console.print(f"  [dim]{note}[/]")
+    variant = None
+    if kind is not None:
+        from .quality import heldout
+        from .tolerances import quality_for
+        from .variant_export import VariantRequest
+
+        text = heldout(cfg.num_tokens, heldout_text) if heldout_text is not None else None
+        variant = VariantRequest(kind, quality_for(kind, min_top1, max_kl), text, heldout_length, int8_activations.value)
+        variant.prepare(format.value, loaded.model, validate)  # a bad request fails before the export starts
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -92,7 +123,7 @@ def export(
                 loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
                 tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
                 external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
-                on_progress=on_progress,
+                variant=variant, on_progress=on_progress,
             )
         except ValidationFailed as e:
             bar.stop()
@@ -103,11 +134,42 @@ def export(
         if report is not None:
             _print_report(report)
     settings = result.settings
+    if variant is not None:
+        from .variant_export import describe
+
+        out.print(describe(settings), highlight=False)
     detail = f"conv={settings['conv']}" + (f", opset {settings['opset']}" if "opset" in settings else "")
+    detail += f", {settings['dtype']}" if variant is not None else ""
     out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})", highlight=False)
 
 
+def _variant_kind(format, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
+    """"fp16", "int8" or None (float32); option combinations that make no sense are refused (exit 2)."""
+    kind = "fp16" if dtype is DType.fp16 else None
+    if quantize is not None:
+        if kind is not None:
+            raise GSSExportError("choose --dtype fp16 or --quantize int8, not both")
+        kind = quantize.value
+    if kind is None:
+        extra = [flag for flag, given in (("--min-top1", min_top1 is not None), ("--max-kl", max_kl is not None),
+                                          ("--heldout-text", heldout_text is not None),
+                                          ("--int8-activations", int8_activations is not Int8Activations.auto)) if given]
+        if extra:
+            raise GSSExportError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} to --dtype fp16 or --quantize int8 exports only")
+        return None
+    if format is not Format.onnx:
+        raise GSSExportError(f"--dtype fp16 and --quantize int8 make ONNX variants; {format.value} exports are float32: use --format onnx")
+    if kind == "fp16" and int8_activations is not Int8Activations.auto:
+        raise GSSExportError("--int8-activations applies to --quantize int8 only")
+    if rtol is not None or atol is not None:
+        raise GSSExportError("an fp16/int8 export is checked by top-1 agreement and KL divergence on held-out text "
+                             "(--min-top1, --max-kl), not by --rtol/--atol")
+    return kind
+
+
 def _print_report(report) -> None:
+    if getattr(report, "threshold", None) is not None:  # a quality report (fp16 / int8)
+        return _print_quality(report)
     table = Table(title=f"{report.artifact} vs {report.reference}", title_justify="left")
     cases = any(r.case for r in report.rows)  # the decoder's rows are named cases
     for name in (("case",) if cases else ()) + ("batch", "length", "max abs error", "max rel error", ""):
@@ -125,6 +187,18 @@ def _print_report(report) -> None:
         console.print(f"[red]x[/] {failure}", highlight=False)
     if len(shown) > 5:
         console.print(f"  ... and {len(shown) - 5} more")
+
+
+def _print_quality(report) -> None:
+    """One row: agreement with float32 eager on held-out text, and the size against float32 (failures: the error says)."""
+    table = Table(title=f"{report.artifact} vs {report.reference}", title_justify="left", caption=f"held-out: {report.text}",
+                  caption_justify="left")
+    for name in ("positions", "top-1", "KL mean", "KL max", "MB", "vs fp32", ""):
+        table.add_column(name, justify="right")
+    t = report.threshold
+    table.add_row(f"{report.windows}x{report.window}", f"{report.top1:.4f}>={t.min_top1:g}", f"{report.kl:.1e}<={t.max_kl:g}",
+                  f"{report.kl_max:.1e}", f"{report.bytes / 1e6:.2f}", f"{report.size_ratio:.2f}x", "[green]ok[/]" if report.ok else "[red]FAIL[/]")
+    out.print(table)
 
 
 def main() -> None:

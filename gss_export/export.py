@@ -13,6 +13,7 @@ from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import ValidationFailed
 from .model import GatedDsConvLM
 from .tolerances import Tolerance, tolerance_for
+from .variant_export import VariantRequest, check as check_variant, save as save_onnx_file
 from .torch_decoder import TorchDecoder
 from .validation import (
     ValidationReport, default_shapes, validate_aoti, validate_decoder, validate_onnx, validate_pt2, validate_torchscript,
@@ -62,6 +63,7 @@ def export_model(
     shapes: Sequence[tuple[int, int]] | None = None,
     external_data: bool | None = None,
     decoder: bool = True,
+    variant: VariantRequest | None = None,
     source: dict | None = None,
     on_progress: StageProgress | None = None,
 ) -> ExportResult:
@@ -69,8 +71,11 @@ def export_model(
 
     ONNX also writes the decoder with state (`decoder.onnx`) unless `decoder=False`.
     Nothing in `out_dir` changes unless the export and its validation both succeed.
+    `variant` (ONNX only) writes fp16 or int8 files instead, checked on held-out text (quality reports).
     """
     progress = on_progress or (lambda *_: None)
+    if variant is not None:
+        variant.prepare(fmt, model, validate)  # bad requests fail before anything is built
     tolerance = tolerance or tolerance_for(fmt)
     shapes = list(shapes) if shapes is not None else default_shapes(model.config.max_seq_len)
     config = model.config.to_dict()
@@ -79,20 +84,22 @@ def export_model(
         progress("export", 0, 1, f"building {fmt}")
         if fmt == "onnx":
             settings = onnx_export.export_settings(model, conv=conv, opset=opset)
+            if variant is not None:
+                settings.update(variant.settings())
             proto = onnx_export.build_onnx(model, conv=conv, opset=opset)
             onnx_export.annotate(proto, {
                 "model": config, "export": settings,
                 "inputs": onnx_export.INPUTS, "outputs": onnx_export.outputs_spec(model.config.num_tokens),
             })
             path = staging / settings["file"]
-            onnx_export.save_onnx(proto, path, external_data)
+            save_onnx_file(proto, path, external_data, variant, settings)
             validator = validate_onnx
             if decoder:
                 progress("export", 0, 1, "building the decoder with state")
                 io = decoder_export.decoder_io(model)
                 dec = decoder_export.build_decoder(model, opset=opset)
                 onnx_export.annotate(dec, {"model": config, "export": {**settings, "file": decoder_export.FILE, "conv": "direct at positions"}, **io})
-                onnx_export.save_onnx(dec, staging / decoder_export.FILE, external_data)
+                save_onnx_file(dec, staging / decoder_export.FILE, external_data, variant, settings)
                 settings["decoder"] = {"file": decoder_export.FILE, **io}
         elif fmt == "torchscript":
             settings = torchscript_export.export_settings(model, conv=conv)
@@ -114,7 +121,9 @@ def export_model(
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         progress("export", 1, 1, f"built {path.name}")
 
-        if validate:
+        if validate and variant is not None:
+            report, decoder_report = check_variant(staging, Path(out_dir), model, variant, settings, decoder, progress)
+        elif validate:
             report = validator(path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
             report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder
             incremental = _incremental_decoder(fmt, staging, path, decoder, model) if report.ok else None
