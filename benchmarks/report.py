@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EAGER = "upstream eager"
 
 
@@ -87,10 +89,15 @@ def write_plot(results: dict, path: Path) -> None:
 
     lengths = [r["length"] for r in results["prefill"]]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name in results["prefill"][0]["ms"]:  # the reduced-precision exports too: latency is what they trade for
-        ax.plot(lengths, [r["ms"][name] for r in results["prefill"]], marker="o", label=name,
-                linewidth=2.5 if name in (EAGER,) or name.startswith("onnx auto") else 1.2)
-    ax.plot(lengths, [r["compute_floor_ms"] for r in results["prefill"]], "k--", label="compute floor (FLOPs / matmul rate)")
+    variants = set(_variant_names(results)[1])
+    names = list(results["prefill"][0]["ms"])
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # distinct colours for a dozen contenders
+    for i, name in enumerate(names):  # the reduced-precision exports too (dotted): latency is what they trade for
+        ax.plot(lengths, [r["ms"][name] for r in results["prefill"]], marker="o", markersize=4, label=name,
+                color="black" if name == EAGER else colors[(2 * i) % 20 + (i * 2 >= 20)],
+                linestyle=":" if name in variants else "-",
+                linewidth=2.5 if name == EAGER or name.startswith("onnx auto (") else 1.3)
+    ax.plot(lengths, [r["compute_floor_ms"] for r in results["prefill"]], "k--", label="float32 compute floor (FLOPs / matmul rate)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (batch 1)")
