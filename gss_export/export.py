@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from . import aoti_export, decoder_export, onnx_export, pt2_export, torchscript_export
 from .artifacts import CONFIG_NAME, staged_output, write_json
+from .conv_forms import SWITCH_FORMS, resolve_form
 from .errors import ValidationFailed
 from .model import GatedDsConvLM
 from .tolerances import Tolerance, tolerance_for
@@ -83,6 +84,9 @@ def export_model(
     with staged_output(out_dir) as staging:
         progress("export", 0, 1, f"building {fmt}")
         if fmt == "onnx":
+            if variant is not None and resolve_form(conv, "onnx") == "switch":
+                # onnxruntime's float16 converter and quantizer rewrite the top-level graph, not If branches
+                conv = SWITCH_FORMS[1]
             settings = onnx_export.export_settings(model, conv=conv, opset=opset)
             if variant is not None:
                 settings.update(variant.settings())

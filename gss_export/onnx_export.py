@@ -12,11 +12,12 @@ import onnx
 import torch
 
 from . import DEFAULT_OPSET, __version__
-from .conv_forms import resolve_form
+from .conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
 from .errors import GSSExportError
 from .export_signatures import forward_signature
 from .model import GatedDsConvLM
 from .onnx_fft import fft_conv_translation
+from .onnx_length_switch import switch_by_length
 from .onnx_monarch import monarch_conv_translation
 
 # torch's dynamo exporter builds at opset 18 at least and converts down from there
@@ -38,6 +39,8 @@ def export_settings(model: GatedDsConvLM, *, conv: str, opset: int) -> dict:
         "file": "model.onnx",
         "conv": resolve_form(conv, "onnx"),
         "conv_requested": conv,
+        **({"conv_switch": {"up_to": SWITCH_LENGTH, "short": SWITCH_FORMS[0], "long": SWITCH_FORMS[1]}}
+           if resolve_form(conv, "onnx") == "switch" else {}),
         "opset": opset,
         "dtype": "float32",
         "gss_export_version": __version__,
@@ -54,10 +57,13 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     if opset not in SUPPORTED_OPSETS:
         raise GSSExportError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
     form = resolve_form(conv, "onnx")
-    target = model.with_conv(form)
     cfg = model.config
     if cfg.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
+    if form == "switch":
+        short, long = (build_onnx(model, conv=f, opset=opset) for f in SWITCH_FORMS)
+        return switch_by_length(short, long, SWITCH_LENGTH)
+    target = model.with_conv(form)
     example, dynamic = forward_signature(cfg)
     build_opset = max(opset, BUILD_MIN_OPSET)
     translation = {
@@ -122,8 +128,11 @@ def strip_debug_metadata(proto: onnx.ModelProto) -> None:
     Nothing reads it at run time, and it is about 30% of a small model's file (0.6 of 2.3 MB for
     the example checkpoint), which would distort every size comparison.
     """
-    for node in proto.graph.node:
-        del node.metadata_props[:]
+    graphs = [proto.graph]
+    while graphs:  # the If branches of an `auto` export too
+        for node in graphs.pop().node:
+            del node.metadata_props[:]
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
 
 
 def _rename_symbolic_dims(proto: onnx.ModelProto, *, num_tokens: int) -> None:

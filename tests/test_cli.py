@@ -50,7 +50,7 @@ def test_console_script_exports_and_validates(wrapped_ckpt, tmp_path):
     assert "stripped prefix 'net.'" in proc.stderr and "unwrapped 'model'" in proc.stderr
     assert "max rel error" in proc.stdout and "FAIL" not in proc.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["max_seq_len"] == 300 and config["export"]["conv"] == "monarch" and config["export"]["opset"] == 20
+    assert config["model"]["max_seq_len"] == 300 and config["export"]["conv"] == "switch" and config["export"]["opset"] == 20
     assert config["validation"]["ok"] and {r["length"] for r in config["validation"]["rows"]} == {1, 2, 129, 300}
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.onnx", "model.onnx"]
     assert config["decoder_validation"]["ok"] and len(config["decoder_validation"]["rows"]) == 4

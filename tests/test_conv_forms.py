@@ -72,7 +72,7 @@ def test_monarch_sizes_give_a_linear_convolution_with_little_padding():
 
 
 def test_auto_resolves_per_target_and_names_are_checked():
-    assert resolve_form("auto", "onnx") == AUTO_FORM["onnx"] == "monarch"
+    assert resolve_form("auto", "onnx") == AUTO_FORM["onnx"] == "switch"  # direct up to 128 tokens, then monarch
     assert resolve_form("auto", "torchscript") == AUTO_FORM["torchscript"] == "fft"
     assert resolve_form("fft", "onnx") == "fft"
     # torch.export targets: the FFT at the symbolic length 2n; monarch's Python-side sizes are refused

@@ -18,7 +18,7 @@ from gss_export.validation import torch_runner, validate_decoder
 
 ONNX_CASES = [
     ("direct", 17), ("direct", 20), ("fft", 17), ("fft", 18), ("fft", 20),
-    ("monarch", 17), ("monarch", 18), ("monarch", 20), ("monarch", 23), ("auto", 20),
+    ("monarch", 17), ("monarch", 18), ("monarch", 20), ("monarch", 23), ("auto", 17), ("auto", 20),
 ]
 
 
@@ -62,6 +62,20 @@ def test_torchscript_matches_upstream(ours, reference, tmp_path, conv):
             return scripted(torch.from_numpy(ids)).numpy()
 
     assert_parity(run, reference, f"torchscript {conv}")
+
+
+def test_onnx_auto_switches_form_by_length_inside_the_graph(ours, tmp_path):
+    """auto = one If on the sequence length: the Toeplitz graph up to 128 tokens, monarch above, weights stored once."""
+    export_model(ours, "onnx", tmp_path / "auto", validate=False, decoder=False)
+    export_model(ours, "onnx", tmp_path / "monarch", conv="monarch", validate=False, decoder=False)
+    model = onnx.load(str(tmp_path / "auto" / "model.onnx"))
+    (switch,) = [n for n in model.graph.node if n.op_type == "If"]
+    branches = {a.name: {n.op_type for n in a.g.node} for a in switch.attribute}
+    assert "Cos" not in branches["then_branch"] and "Cos" in branches["else_branch"]  # direct, then monarch's tables
+    condition = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}["length_switch/threshold"]
+    assert int(condition) == 128
+    sizes = [(tmp_path / d / "model.onnx").stat().st_size for d in ("auto", "monarch")]
+    assert sizes[0] < 1.1 * sizes[1]
 
 
 TORCH_EXPORT_CASES = [("pt2", "auto"), ("pt2", "direct"), ("aoti", "auto")]
