@@ -27,6 +27,22 @@ LANG_PROMPT = list(b"The for statement is us")
 LANG_NEW = 24
 
 
+def run_cli(monkeypatch, capsys, *args):
+    """In-process `gss-export ARGS`: (exit code, stdout, stderr)."""
+    import sys
+
+    from gss_export.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gss-export", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip when an optional tool is missing; fail instead under GSS_REQUIRE_EXAMPLES=1 (CI sets it)."""
     if not condition:

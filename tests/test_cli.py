@@ -3,27 +3,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import SMALL
-from gss_export.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """In-process `gss-export ARGS`: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["gss-export", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import SMALL, run_cli
 
 
 @pytest.fixture(scope="module")

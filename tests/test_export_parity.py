@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest

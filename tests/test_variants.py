@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,8 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from conftest import EXAMPLE, LANG_NEW, LANG_PROMPT
-from gss_export.cli import main
+from conftest import EXAMPLE, LANG_NEW, LANG_PROMPT, run_cli
 from gss_export.corpus import load_corpus
 from gss_export.errors import GSSExportError
 from gss_export.quality import heldout
@@ -23,18 +21,6 @@ from gss_export.quality import heldout
 # the issue's bars: top-1 agreement with float32 eager on held-out text, size against float32
 BARS = {"fp16": (0.99, 0.6), "int8": (0.95, 0.4)}
 FILES = ("model.onnx", "decoder.onnx")
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """In-process `gss-export ARGS`: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["gss-export", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def snapshot(folder):
