@@ -5,7 +5,6 @@ import statistics
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper

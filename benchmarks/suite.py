@@ -46,7 +46,7 @@ from gss_export.conv_forms import AUTO_FORM
 from gss_export.export import export_model
 from gss_export.onnx_export import build_onnx, save_onnx
 from gss_export.aoti_export import load_aoti
-from gss_export.pt2_export import load_pt2_programs
+from gss_export.pt2_export import load_pt2_program
 from gss_export.torchscript_export import build_torchscript, save_torchscript
 from gss_export.variant_export import VariantRequest
 
@@ -180,7 +180,7 @@ def main() -> None:
             export_model(ours, fmt, folder, validate=False)
             name = f"{fmt} ({AUTO_FORM[fmt]})"
             results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": (folder / "model.pt2").stat().st_size}
-            forward = load_pt2_programs(folder / "model.pt2")["model"] if fmt == "pt2" else load_aoti(folder / "model.pt2")["model"]
+            forward = (load_pt2_program if fmt == "pt2" else load_aoti)(folder / "model.pt2")
             contenders[name] = lambda ids, f=forward: f(torch.from_numpy(ids))
             paths[name] = (fmt, str(folder / "model.pt2"))
         for form in (AUTO_FORM["torchscript"], "monarch"):

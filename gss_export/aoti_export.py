@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .errors import GSSExportError
-from .pt2_export import PROGRAMS, build_programs, quiet_tracing
+from .export_signatures import quiet_tracing
+from .pt2_export import build_programs
 
 
 def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto") -> None:
@@ -38,9 +39,9 @@ def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto"
         package_pt2(str(path), aoti_files=files, extra_files={"config.json": json.dumps(metadata)})
 
 
-def load_aoti(path: Path) -> dict:
-    """{"model": callable forward, "step": callable step} from a package written by `build_and_save_aoti`."""
+def load_aoti(path: Path, name: str = "model"):
+    """The compiled model `name` ("model": forward, or "step") from a package written by `build_and_save_aoti`."""
     from torch._inductor.package import load_package
 
     with quiet_tracing():
-        return {name: load_package(str(path), name) for name in PROGRAMS}
+        return load_package(str(path), name)

@@ -88,7 +88,7 @@ def export(
     from .tolerances import tolerance_for
     from .validation import DEFAULT_BATCHES, DEFAULT_LENGTHS, default_shapes
 
-    kind = _variant_kind(format, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
+    kind = _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
     loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle)
@@ -106,8 +106,8 @@ def export(
         from .variant_export import VariantRequest
 
         text = heldout(cfg.num_tokens, heldout_text) if heldout_text is not None else None
+        # export_model checks the request (format, options) before it builds anything
         variant = VariantRequest(kind, quality_for(kind, min_top1, max_kl), text, heldout_length, int8_activations.value)
-        variant.prepare(format.value, loaded.model, validate)  # a bad request fails before the export starts
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -143,7 +143,7 @@ def export(
     out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})", highlight=False)
 
 
-def _variant_kind(format, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
+def _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
     """"fp16", "int8" or None (float32); option combinations that make no sense are refused (exit 2)."""
     kind = "fp16" if dtype is DType.fp16 else None
     if quantize is not None:
@@ -157,8 +157,6 @@ def _variant_kind(format, dtype, quantize, int8_activations, min_top1, max_kl, h
         if extra:
             raise GSSExportError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} to --dtype fp16 or --quantize int8 exports only")
         return None
-    if format is not Format.onnx:
-        raise GSSExportError(f"--dtype fp16 and --quantize int8 make ONNX variants; {format.value} exports are float32: use --format onnx")
     if kind == "fp16" and int8_activations is not Int8Activations.auto:
         raise GSSExportError("--int8-activations applies to --quantize int8 only")
     if rtol is not None or atol is not None:

@@ -13,9 +13,9 @@ import onnx
 import torch
 
 from .errors import GSSExportError
-from .export_signatures import StepGraph, step_signature
+from .export_signatures import StepGraph, quiet_tracing, step_signature
 from .model import GatedDsConvLM
-from .onnx_export import SUPPORTED_OPSETS, _quiet_exporter
+from .onnx_export import SUPPORTED_OPSETS
 
 FILE = "decoder.onnx"
 
@@ -58,7 +58,7 @@ def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
     if c.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     example, dynamic = step_signature(c)
-    with _quiet_exporter():
+    with quiet_tracing():
         program = torch.onnx.export(
             StepGraph(model.with_conv("direct")).eval(),
             example,

@@ -46,8 +46,8 @@ def _incremental_decoder(fmt: str, staging: Path, path: Path, decoder: bool, mod
         return Decoder(staging, provider="cpu"), decoder_export.FILE
     step = {
         "torchscript": lambda: torchscript_export.load_torchscript(path).step,
-        "pt2": lambda: pt2_export.load_pt2_programs(path)["step"],
-        "aoti": lambda: aoti_export.load_aoti(path)["step"],
+        "pt2": lambda: pt2_export.load_pt2_program(path, "step"),
+        "aoti": lambda: aoti_export.load_aoti(path, "step"),
     }[fmt]()
     return TorchDecoder(step, model.config), f"{path.name} (step)"
 

@@ -5,12 +5,35 @@ all of them agree on names, on which axes are dynamic and on their bounds.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
+
 import torch
 from torch import nn
 
 from .model import GatedDsConvLM, GSSConfig
 
 MAX_BATCH = 1 << 20
+# the ONNX exporter, torch.export and inductor log, warn and print about things that are fine here
+TRACING_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "torch._inductor", "torch.fx")
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """Silence the exporters' own progress and warnings: the library reports through return values."""
+    loggers = [logging.getLogger(name) for name in TRACING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class StepGraph(nn.Module):

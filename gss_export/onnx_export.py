@@ -1,11 +1,7 @@
 """Export to ONNX: `input_ids` int64 [batch, sequence] -> `logits` float32 [batch, sequence, num_tokens]."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import onnx
@@ -14,7 +10,7 @@ import torch
 from . import DEFAULT_OPSET, __version__
 from .conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
 from .errors import GSSExportError
-from .export_signatures import forward_signature
+from .export_signatures import forward_signature, quiet_tracing
 from .model import GatedDsConvLM
 from .onnx_fft import fft_conv_translation
 from .onnx_length_switch import switch_by_length
@@ -72,7 +68,7 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
             build_opset, head_dim=cfg.dim_dsconv // cfg.heads, heads=cfg.heads
         ),
     }
-    with _quiet_exporter():
+    with quiet_tracing():
         program = torch.onnx.export(
             target,
             example,
@@ -145,19 +141,3 @@ def _rename_symbolic_dims(proto: onnx.ModelProto, *, num_tokens: int) -> None:
                 dim.dim_param = name
             else:
                 dim.dim_value = num_tokens
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter prints progress and warnings of its own; the library reports through return values."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)

@@ -8,10 +8,7 @@ compiles the same programs (`aoti_export.py`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +17,7 @@ from torch.export import ExportedProgram
 from . import __version__
 from .conv_forms import resolve_form
 from .errors import GSSExportError
-from .export_signatures import StepGraph, forward_signature, step_signature
+from .export_signatures import StepGraph, forward_signature, quiet_tracing, step_signature
 from .model import GatedDsConvLM
 
 FILE = "model.pt2"
@@ -47,22 +44,6 @@ def torch_export_form(conv: str, fmt: str) -> str:
         raise GSSExportError(str(e)) from None
 
 
-@contextlib.contextmanager
-def quiet_tracing():
-    """torch.export and inductor log and warn at length about things that are fine here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(name) for name in ("torch._export", "torch.export", "torch._inductor", "torch.fx")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
 def build_programs(model: GatedDsConvLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
     """{"model": forward, "step": StepGraph} exported with batch, length and context symbolic."""
     if model.config.max_seq_len < 2:
@@ -84,10 +65,9 @@ def save_pt2(programs: dict[str, ExportedProgram], path: Path, metadata: dict) -
     package_pt2(str(path), exported_programs=programs, extra_files={"config.json": json.dumps(metadata)})
 
 
-def load_pt2_programs(path: Path) -> dict[str, torch.nn.Module]:
-    """{"model": forward module, "step": step module} from a model.pt2 written by `save_pt2`."""
+def load_pt2_program(path: Path, name: str = "model") -> torch.nn.Module:
+    """The program `name` ("model": forward, or "step") from a model.pt2 written by `save_pt2`, as a module."""
     from torch.export.pt2_archive._package import load_pt2
 
     with quiet_tracing():
-        programs = load_pt2(str(path)).exported_programs
-        return {name: programs[name].module() for name in PROGRAMS}
+        return load_pt2(str(path)).exported_programs[name].module()

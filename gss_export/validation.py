@@ -172,10 +172,10 @@ def validate_torchscript(path: Path, model: GatedDsConvLM, shapes, tolerance: To
 
 def validate_pt2(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
     """The torch.export archive's forward program (`torch.export.load`) against eager."""
-    from .pt2_export import load_pt2_programs
+    from .pt2_export import load_pt2_program
 
     report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
-    return compare(torch_runner(load_pt2_programs(path)["model"]), model, shapes, tolerance, report, on_progress)
+    return compare(torch_runner(load_pt2_program(path)), model, shapes, tolerance, report, on_progress)
 
 
 def validate_aoti(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
@@ -183,7 +183,7 @@ def validate_aoti(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance
     from .aoti_export import load_aoti
 
     report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
-    return compare(torch_runner(load_aoti(path)["model"]), model, shapes, tolerance, report, on_progress)
+    return compare(torch_runner(load_aoti(path)), model, shapes, tolerance, report, on_progress)
 
 
 def torch_runner(forward) -> Callable[[np.ndarray], np.ndarray]:
