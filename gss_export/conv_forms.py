@@ -63,18 +63,19 @@ def upstream_fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 
 def direct_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Toeplitz form: T[b, h, j, m] = K[b, j - m, h] for j >= m, then T @ u. O(n^2 * h * d).
+    """Toeplitz form: T[b, h, j, m] = K[b, j - m, h] for j >= m (else 0), then T @ u. O(n^2 * h * d).
 
-    Only Gather, Where and MatMul in ONNX, so it runs at any opset on any provider.
-    u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
+    T is cut from a tiled vector, not gathered: c = [K reversed, n zeros] (length 2n) repeated n
+    times, read from offset n - 1 in rows of stride 2n - 1, has c[n - 1 - j + m] at (j, m), which
+    is K[j - m] for j >= m and one of the zeros above the diagonal. In ONNX that is Tile, Slice,
+    Reshape, Slice: contiguous copies, several times faster than a GatherND and Where over n^2
+    indices. u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
     """
-    n = u.shape[1]
-    pos = torch.arange(n, device=u.device)
-    lag = pos.unsqueeze(1) - pos.unsqueeze(0)  # (n, n): j - m
+    b, n, h, _ = u.shape
     kh = K.permute(0, 2, 1)  # (b, h, n)
-    toeplitz = kh[:, :, lag.clamp(min=0)]  # (b, h, n, n)
-    toeplitz = torch.where(lag >= 0, toeplitz, torch.zeros_like(toeplitz))
-    out = torch.matmul(toeplitz, u.permute(0, 2, 1, 3))  # (b, h, n, d)
+    c = torch.cat([kh.flip(-1), torch.zeros_like(kh)], -1)  # (b, h, 2n)
+    rows = c.repeat(1, 1, n)[..., n - 1 : n - 1 + n * (2 * n - 1)].reshape(b, h, n, 2 * n - 1)
+    out = torch.matmul(rows[..., :n], u.permute(0, 2, 1, 3))  # (b, h, n, d)
     return out.permute(0, 2, 1, 3)
 
 
