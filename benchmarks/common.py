@@ -7,7 +7,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gss_export.model import GatedDsConvLM, GSSConfig
 
@@ -57,33 +57,54 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def machine_limits(threads: int, size: int = 2048) -> dict:
-    """The machine's float32 matrix-multiply rate (torch and onnxruntime, size^3) and memory bandwidth.
+class MachineLimits:
+    """The machine's float32 matrix-multiply rate and memory bandwidth, sampled again and again.
 
-    Bandwidth: copying a 512 MiB array (twice the 260 MiB L3 of the machine this was written on),
-    counting the bytes read and written.
+    One sample is not enough: on a shared machine the same 2048^3 product has measured anywhere from
+    210 to 330 GFLOP/s within an hour while the model's own times moved by a few percent, so a
+    fraction of "the" rate would swing with the luck of one measurement. `sample()` is called
+    between the benchmark's rows and `summary()` reports the median with the spread.
+
+    Rate: a size^3 product in torch and in onnxruntime with B a weight (prepacked, as the model's
+    weights are); the better of the two counts, so fractions are never flattered. Bandwidth:
+    copying a 512 MiB array (twice the 260 MiB L3 of the machine this was written on), bytes read
+    and written.
     """
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    flops = 2 * size**3
-    torch_rate = flops / timed(lambda: torch.matmul(a, b), min_repeats=5)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])], "mm",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "AB"],
-        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [size, size])],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    feeds = {"A": a.numpy(), "B": b.numpy()}
-    ort_rate = flops / timed(lambda: session.run(None, feeds), min_repeats=5)
-    src = np.ones(128 << 20, np.float32)
-    dst = np.empty_like(src)
-    bandwidth = 2 * src.nbytes / timed(lambda: np.copyto(dst, src), min_repeats=5)
-    return {
-        "matmul_gflops_torch": torch_rate / 1e9,
-        "matmul_gflops_onnxruntime": ort_rate / 1e9,
-        # the machine's rate: the better of the two libraries, so fractions are never flattered
-        "matmul_gflops": max(torch_rate, ort_rate) / 1e9,
-        "bandwidth_gbs": bandwidth / 1e9,
-        "threads": threads,
-    }
+
+    def __init__(self, threads: int, size: int = 2048):
+        torch.set_num_threads(threads)
+        self.threads, self.flops = threads, 2 * size**3
+        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["A", "B"], ["C"])], "mm",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size])],
+            [helper.make_tensor_value_info("C", TensorProto.FLOAT, [size, size])],
+            initializer=[numpy_helper.from_array(self.b.numpy(), "B")],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+        self.src = np.ones(128 << 20, np.float32)
+        self.dst = np.empty_like(self.src)
+        self.samples: list[dict] = []
+
+    def sample(self) -> dict:
+        feeds = {"A": self.a.numpy()}
+        got = {
+            "torch": self.flops / timed(lambda: torch.matmul(self.a, self.b), min_repeats=5, min_seconds=0.5) / 1e9,
+            "onnxruntime": self.flops / timed(lambda: self.session.run(None, feeds), min_repeats=5, min_seconds=0.5) / 1e9,
+            "bandwidth": 2 * self.src.nbytes / timed(lambda: np.copyto(self.dst, self.src), min_repeats=5, min_seconds=0.3) / 1e9,
+        }
+        self.samples.append(got)
+        return got
+
+    def summary(self) -> dict:
+        best = [max(s["torch"], s["onnxruntime"]) for s in self.samples]
+        return {
+            "matmul_gflops_torch": statistics.median(s["torch"] for s in self.samples),
+            "matmul_gflops_onnxruntime": statistics.median(s["onnxruntime"] for s in self.samples),
+            "matmul_gflops": statistics.median(best),  # the rate every fraction is taken against
+            "matmul_gflops_range": [min(best), max(best)],
+            "bandwidth_gbs": statistics.median(s["bandwidth"] for s in self.samples),
+            "samples": len(self.samples),
+            "threads": self.threads,
+        }

@@ -8,13 +8,17 @@ from pathlib import Path
 import numpy as np
 
 EAGER = "upstream eager"
+# issue 4's targets for the default ONNX export on the CPU provider (batch 1, 2 threads, dim 512 depth 4)
+SHORT, SHORT_SPEEDUP, LONG, LONG_SHARE = 128, 1.5, 1024, 0.85
 
 
 def write_markdown(results: dict, path: Path) -> str:
     m, cfg = results["machine"], results["config"]
     lines = [
-        f"Machine: {m['cpu']}, {m['threads']} threads; float32 matmul {m['matmul_gflops_torch']:.0f} GFLOP/s (torch), "
-        f"{m['matmul_gflops_onnxruntime']:.0f} GFLOP/s (onnxruntime), memory {m['bandwidth_gbs']:.1f} GB/s; "
+        f"Machine: {m['cpu']}, {m['threads']} threads; float32 matmul {m['matmul_gflops']:.0f} GFLOP/s (median of "
+        f"{m['samples']} samples taken between the rows, range {m['matmul_gflops_range'][0]:.0f}-{m['matmul_gflops_range'][1]:.0f}; "
+        f"medians torch {m['matmul_gflops_torch']:.0f}, onnxruntime {m['matmul_gflops_onnxruntime']:.0f}), "
+        f"memory {m['bandwidth_gbs']:.1f} GB/s; "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, Python {m['python']}. CUDA: {results['cuda']}.",
         f"Model: dim {cfg['dim']}, depth {cfg['depth']}, heads {cfg['heads']}, dim_dsconv {cfg['dim_dsconv']}, "
         f"num_tokens {cfg['num_tokens']}, batch 1; {results['flops_per_token'] / 1e6:.1f} MFLOP of matrix products per token.",
@@ -35,6 +39,7 @@ def write_markdown(results: dict, path: Path) -> str:
             ratio = "" if name == EAGER else f"{eager / t:.2f}x, "
             cells.append(f"{t:.1f} ({ratio}{floor / t:.0%})")
         lines.append(f"| {row['length']} | {floor:.1f} | " + " | ".join(cells) + " |")
+    lines += _ceiling_table(results) + _targets(results)
     lines += _variant_table(results)
     if results["decode"]:
         lines += ["", "**Decode** (greedy, after a prompt of `context` tokens; floor = weight bytes / bandwidth per step):", "",
@@ -55,6 +60,50 @@ def write_markdown(results: dict, path: Path) -> str:
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def _ceiling_table(results: dict) -> list[str]:
+    """What any convolution form could reach: the model with its convolution removed, and where the
+    default export's time goes (weight products, which nothing removes, and the rest)."""
+    base = _variant_names(results)[0]
+    rows = [r for r in results["prefill"] if "no_conv_ms" in r]
+    if not base or not rows:
+        return []
+    lines = ["", f"**The bound on any convolution form.** `without conv`: the default export with the convolution removed "
+             "(out = u; not a model, only its cost counts): the weight products and the model's own LayerNorm, Gelu, "
+             f"gating and residual passes. `weight products`: the part of `{base}`'s own run spent in them "
+             "(onnxruntime's kernel profile, median run), and its largest other kernels.", "",
+             "| length | eager | default export | without conv | bound vs eager | bound share of rate | weight products ms "
+             "| largest other kernels ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k, eager, bound = r["auto_kernels_ms"], r["ms"][EAGER], r["no_conv_ms"]
+        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(k["by_op"].items())[:3])
+        lines.append(f"| {r['length']} | {eager:.1f} | {r['ms'][base]:.1f} ({eager / r['ms'][base]:.2f}x) | {bound:.1f} "
+                     f"| {eager / bound:.2f}x | {r['compute_floor_ms'] / bound:.0%} | {k['weight products']:.1f} | {top} |")
+    return lines
+
+
+def _targets(results: dict) -> list[str]:
+    """The issue's three targets for the default export, each with what this run measured."""
+    base = _variant_names(results)[0]
+    if not base:
+        return []
+    rows = results["prefill"]
+    speedup = {r["length"]: r["ms"][EAGER] / r["ms"][base] for r in rows}
+    share = {r["length"]: r["compute_floor_ms"] / r["ms"][base] for r in rows}
+    checks = []
+    short = {n: v for n, v in speedup.items() if n <= SHORT}
+    if short:
+        n = min(short, key=short.get)
+        checks.append((f">= {SHORT_SPEEDUP}x eager at lengths <= {SHORT}", f"{short[n]:.2f}x at {n}", short[n] >= SHORT_SPEEDUP))
+    n = min(speedup, key=speedup.get)
+    checks.append(("never slower than eager", f"{speedup[n]:.2f}x at {n}", speedup[n] >= 1.0))
+    long = {n: v for n, v in share.items() if n >= LONG}
+    if long:
+        n = min(long, key=long.get)
+        checks.append((f">= {LONG_SHARE:.0%} of the matmul rate at lengths >= {LONG}", f"{long[n]:.0%} at {n}", long[n] >= LONG_SHARE))
+    return ["", f"**Targets** (`{base}`, the default export, in this run):", "", "| target | worst measured | met |", "|---|---|---|"] + [
+        f"| {t} | {got} | {'yes' if ok else 'no'} |" for t, got, ok in checks]
 
 
 def _variant_names(results: dict) -> tuple[str | None, list[str]]:

@@ -1,18 +1,21 @@
 """The benchmark: every artifact against upstream eager, side by side in one run, against the machine's limits.
 
-    python benchmarks/suite.py [--lengths 1,16,64,256,512,1024,2048,4096] [--contexts 128,512,2048]
+    python benchmarks/suite.py [--lengths 1,16,64,128,256,512,1024,2048,4096] [--contexts 128,512,2048]
                                [--threads 2] [--out benchmarks/results]
 
 Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1,
 exported with max_seq_len = the longest length. In one process, on the same threads:
 
 - the machine: float32 matrix-multiply rate (torch and onnxruntime, the better one counts) and
-  memory bandwidth;
+  memory bandwidth, sampled before every length and summarised by the median (one sample swings);
 - prefill latency per length for upstream eager, ONNX on onnxruntime's CPU provider (every conv
   form and `auto`), TorchScript (`auto` and `monarch`), the torch.export archive (pt2) and its
   AOTInductor compilation (aoti), and where a GPU is usable, onnxruntime's
   CUDA provider against eager CUDA; each length times every contender in turn (median of repeats),
   and each time is also given as a fraction of the compute floor (model FLOPs / matmul rate);
+- the bound on any convolution form: the default export with the convolution removed (out = u),
+  and where the default export's time goes (onnxruntime's kernel profile: the model's weight
+  products against the rest);
 - decode tokens per second (gss-run's decoder with state against upstream full recompute), each
   step against the weight-streaming floor (weight bytes / bandwidth);
 - the reduced-precision exports of `auto` (fp16, int8, int8 with one activation scale per tensor
@@ -38,8 +41,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import machine_limits, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
+from common import MachineLimits, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
 from decode import measure_decode
+from kernel_time import export_without_conv, kernel_breakdown
 from report import write_markdown, write_plot
 
 from gss_export.conv_forms import AUTO_FORM
@@ -127,7 +131,7 @@ def cuda_contenders(model_path: Path, upstream, threads: int) -> tuple[dict, str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="1,16,64,256,512,1024,2048,4096")
+    parser.add_argument("--lengths", default="1,16,64,128,256,512,1024,2048,4096")
     parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -139,9 +143,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     print("measuring the machine...", flush=True)
-    machine = machine_limits(args.threads)
-    machine.update(cpu=_cpu_name(), torch=torch.__version__, onnxruntime=ort.__version__, python=platform.python_version())
-    print(json.dumps(machine), flush=True)
+    limits = MachineLimits(args.threads)
+    print(json.dumps(limits.sample()), flush=True)
+    machine = {"cpu": _cpu_name(), "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
     limit = max(lengths + [c + args.decode_tokens + 1 for c in contexts])
     ours, upstream = reference_models(limit)
@@ -192,6 +196,9 @@ def main() -> None:
             results["artifacts"][name] = {"export_seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
             contenders[name] = lambda ids, m=scripted: m(torch.from_numpy(ids))
             paths[name] = ("torchscript", str(path))
+        bound_path = tmp / "no_conv.onnx"  # not a model: the bound on what any conv form could reach
+        export_without_conv(ours, str(bound_path))
+        bound = ort.InferenceSession(str(bound_path), options, providers=["CPUExecutionProvider"])
         gpu, reason = cuda_contenders(auto_dir / "model.onnx", upstream, args.threads)
         contenders.update(gpu)
         results["cuda"] = "measured" if gpu else f"skipped: {reason}"
@@ -199,14 +206,21 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for n in lengths:
             ids = rng.integers(0, 256, size=(1, n), dtype=np.int64)
+            rates = limits.sample()
             row = {"length": n, "ms": {}}
             with torch.inference_mode():
                 for name, fn in contenders.items():
                     row["ms"][name] = timed(lambda f=fn: f(ids)) * 1e3
-            floor_ms = flops_per_token * n / (machine["matmul_gflops"] * 1e9) * 1e3
-            row["compute_floor_ms"] = floor_ms
+            row["no_conv_ms"] = timed(lambda: bound.run(None, {"input_ids": ids})) * 1e3
+            row["auto_kernels_ms"] = kernel_breakdown(str(auto_dir / "model.onnx"), ids, args.threads)
             results["prefill"].append(row)
-            print(f"n={n}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items()), flush=True)
+            print(f"n={n}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["ms"].items())
+                  + f"; without conv {row['no_conv_ms']:.1f} ms, auto's weight products {row['auto_kernels_ms']['weight products']:.1f} ms; "
+                  + json.dumps(rates), flush=True)
+        limits.sample()
+        machine.update(limits.summary())  # results["machine"] is this dict
+        for row in results["prefill"]:  # against the median rate of the whole run
+            row["compute_floor_ms"] = flops_per_token * row["length"] / (machine["matmul_gflops"] * 1e9) * 1e3
 
         if contexts:
             print("decode...", flush=True)
