@@ -1,0 +1,50 @@
+"""The benchmark's own logic: its targets table and the kernel split it reports (not its timings)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from kernel_time import weight_product_nodes  # noqa: E402
+from report import _targets  # noqa: E402
+
+
+def _results(rows: list[tuple[int, float, float, float]]) -> dict:
+    """(length, eager ms, default export ms, compute floor ms) per row."""
+    return {"prefill": [{"length": n, "ms": {"upstream eager": e, "onnx auto (switch)": a}, "compute_floor_ms": f}
+                        for n, e, a, f in rows]}
+
+
+def test_targets_name_the_worst_length_and_say_whether_each_is_met():
+    table = "\n".join(_targets(_results([(1, 3.0, 1.5, 0.1), (128, 18.0, 14.0, 11.0), (1024, 130.0, 100.0, 90.0),
+                                         (2048, 250.0, 260.0, 180.0)])))
+    assert "| >= 1.5x eager at lengths <= 128 | 1.29x at 128 | no |" in table
+    assert "| never slower than eager | 0.96x at 2048 | no |" in table
+    assert "| >= 85% of the matmul rate at lengths >= 1024 | 69% at 2048 | no |" in table
+    table = "\n".join(_targets(_results([(64, 12.0, 7.0, 5.0), (1024, 130.0, 100.0, 90.0)])))
+    assert "| >= 1.5x eager at lengths <= 128 | 1.71x at 64 | yes |" in table
+    assert "| never slower than eager | 1.30x at 1024 | yes |" in table
+    assert "| >= 85% of the matmul rate at lengths >= 1024 | 90% at 1024 | yes |" in table
+
+
+def test_weight_products_are_found_inside_if_branches_and_only_there(tmp_path):
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    branch = lambda name, nodes: helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("y_" + name, TensorProto.FLOAT, None)])
+    then = branch("then", [helper.make_node("MatMul", ["x", "W"], ["y_then"], name="weight_in_branch")])
+    other = branch("else", [helper.make_node("MatMul", ["x", "x"], ["y_else"], name="activation_product")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["top"], name="weight_top"),
+         helper.make_node("If", ["flag"], ["y"], name="switch", then_branch=then, else_branch=other)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("top", TensorProto.FLOAT, None)],
+        initializer=[w],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    assert weight_product_nodes(str(path)) == {"weight_top", "weight_in_branch"}
