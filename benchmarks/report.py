@@ -146,6 +146,9 @@ def write_plot(results: dict, path: Path) -> None:
                 color="black" if name == EAGER else colors[(2 * i) % 20 + (i * 2 >= 20)],
                 linestyle=":" if name in variants else "-",
                 linewidth=2.5 if name == EAGER or name.startswith("onnx auto (") else 1.3)
+    if all("no_conv_ms" in r for r in results["prefill"]):
+        ax.plot(lengths, [r["no_conv_ms"] for r in results["prefill"]], color="grey", linestyle="-.",
+                label="bound: the default export without its convolution")
     ax.plot(lengths, [r["compute_floor_ms"] for r in results["prefill"]], "k--", label="float32 compute floor (FLOPs / matmul rate)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
