@@ -12,7 +12,9 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,10 +22,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from common import session_options, timed
+from common import session_options
 from gss_export import DEFAULT_OPSET
-from gss_export.export_signatures import forward_signature, quiet_tracing
 from gss_export.model import GatedDsConvLM
+from gss_export.onnx_export import save_onnx, trace_onnx
 
 PRODUCTS = ("MatMul", "Gemm", "FusedMatMul")
 
@@ -52,15 +54,15 @@ def kernel_breakdown(path: str, ids: np.ndarray, threads: int, runs: int = 5) ->
     ids: (batch, n) int64. The If node that wraps a branch is left out (its time is its branch's).
     """
     weights = weight_product_nodes(path)
-    plain = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
-    runs = min(30, max(runs, int(1.0 / timed(lambda: plain.run(None, {"input_ids": ids}), min_seconds=0))))  # ~1 s: noise
-    del plain
     options = session_options(threads)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        for _ in range(runs + 1):
+        start = time.perf_counter()
+        session.run(None, {"input_ids": ids})  # the warm-up run, dropped below, also sizes the sample
+        runs = min(30, max(runs, int(1.0 / (time.perf_counter() - start))))  # about a second: noise
+        for _ in range(runs):
             session.run(None, {"input_ids": ids})
         with open(session.end_profiling()) as f:
             events = json.load(f)
@@ -93,8 +95,4 @@ def export_without_conv(model: GatedDsConvLM, path: str) -> None:
     bare = model.with_conv("direct")
     for layer in bare.layers:
         layer.dsconv.conv = NoConv()
-    example, dynamic = forward_signature(model.config)
-    with quiet_tracing():
-        program = torch.onnx.export(bare, example, dynamo=True, opset_version=DEFAULT_OPSET, input_names=["input_ids"],
-                                    output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
-    onnx.save(program.model_proto, path)
+    save_onnx(trace_onnx(bare, opset=DEFAULT_OPSET), Path(path))

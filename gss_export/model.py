@@ -13,7 +13,6 @@ from torch import nn
 from .conv_forms import causal_conv_step, make_conv
 
 
-
 @dataclass(frozen=True)
 class GSSConfig:
     """Hyper-parameters of `GatedDsConvLM`; all but `max_seq_len` are readable from weight shapes."""

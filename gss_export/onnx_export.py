@@ -30,13 +30,13 @@ def outputs_spec(num_tokens: int) -> list[dict]:
 
 
 def export_settings(model: GatedDsConvLM, *, conv: str, opset: int) -> dict:
+    form = resolve_form(conv, "onnx")
     return {
         "format": "onnx",
         "file": "model.onnx",
-        "conv": resolve_form(conv, "onnx"),
+        "conv": form,
         "conv_requested": conv,
-        **({"conv_switch": {"up_to": SWITCH_LENGTH, "short": SWITCH_FORMS[0], "long": SWITCH_FORMS[1]}}
-           if resolve_form(conv, "onnx") == "switch" else {}),
+        **({"conv_switch": {"up_to": SWITCH_LENGTH, "short": SWITCH_FORMS[0], "long": SWITCH_FORMS[1]}} if form == "switch" else {}),
         "opset": opset,
         "dtype": "float32",
         "gss_export_version": __version__,
@@ -59,8 +59,6 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     if form == "switch":
         short, long = (build_onnx(model, conv=f, opset=opset) for f in SWITCH_FORMS)
         return switch_by_length(short, long, SWITCH_LENGTH)
-    target = model.with_conv(form)
-    example, dynamic = forward_signature(cfg)
     build_opset = max(opset, BUILD_MIN_OPSET)
     translation = {
         torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(build_opset),
@@ -68,6 +66,16 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
             build_opset, head_dim=cfg.dim_dsconv // cfg.heads, heads=cfg.heads
         ),
     }
+    return trace_onnx(model.with_conv(form), opset=opset, translation=translation)
+
+
+def trace_onnx(target: GatedDsConvLM, *, opset: int, translation: dict | None = None) -> onnx.ModelProto:
+    """The dynamo export of `target` as it is (its conv modules included), batch and length symbolic.
+
+    `translation`: ONNX translations of the custom ops its conv form uses (`build_onnx` passes them).
+    """
+    cfg = target.config
+    example, dynamic = forward_signature(cfg)
     with quiet_tracing():
         program = torch.onnx.export(
             target,
@@ -77,7 +85,7 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
             input_names=["input_ids"],
             output_names=["logits"],
             dynamic_shapes=dynamic,
-            custom_translation_table=translation,
+            custom_translation_table=translation or {},
             verbose=False,
         )
     proto = program.model_proto

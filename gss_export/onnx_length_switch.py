@@ -21,6 +21,14 @@ def _content(t: onnx.TensorProto) -> tuple:
     return t.data_type, tuple(t.dims), hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest()
 
 
+def _renamed(proto, name: str):
+    """A copy of a node, tensor or value info under another name."""
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    copy.name = name
+    return copy
+
+
 def _branch(model: onnx.ModelProto, prefix: str, outer: dict[str, str]) -> onnx.GraphProto:
     """`model`'s graph as an If branch: no inputs, initializers in `outer` (local -> outer name) read
     from the outer graph, every other name it defines prefixed."""
@@ -31,25 +39,12 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: dict[str, str]) -> onnx.
     rename = {name: outer.get(name, prefix + name) for name in defined}
     nodes = []
     for node in g.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = prefix + node.name
+        copy = _renamed(node, prefix + node.name)
         copy.input[:] = [rename.get(x, x) for x in node.input]
         copy.output[:] = [rename.get(x, x) for x in node.output]
         nodes.append(copy)
-    inits = []
-    for init in g.initializer:
-        if init.name not in outer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(init)
-            copy.name = rename[init.name]
-            inits.append(copy)
-    outputs = []
-    for out in g.output:
-        copy = onnx.ValueInfoProto()
-        copy.CopyFrom(out)
-        copy.name = rename.get(out.name, out.name)
-        outputs.append(copy)
+    inits = [_renamed(init, rename[init.name]) for init in g.initializer if init.name not in outer]
+    outputs = [_renamed(out, rename.get(out.name, out.name)) for out in g.output]
     return helper.make_graph(nodes, prefix + "graph", [], outputs, initializer=inits)
 
 
@@ -71,7 +66,7 @@ def switch_by_length(short: onnx.ModelProto, long: onnx.ModelProto, threshold: i
         if twin is not None and twin not in long_outer:
             name = f"shared/{init.name}"
             short_outer[init.name], long_outer[twin] = name, name
-            shared.append(helper.make_tensor(name, init.data_type, init.dims, numpy_helper.to_array(init).tobytes(), raw=True))
+            shared.append(_renamed(init, name))
     (ids,) = [i.name for i in short.graph.input]
     switch = [
         helper.make_node("Shape", [ids], ["length_switch/shape"]),

@@ -52,4 +52,3 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location="cpu").eval()
-

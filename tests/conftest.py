@@ -146,12 +146,17 @@ def run_without_torch(script: str, timeout: int = 300):
     return subprocess.run([sys.executable, "-c", NO_TORCH + script + LEAK_CHECK], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def example_onnx(tmp_path_factory) -> Path:
-    """The bundled example exported to ONNX once per session: model.onnx, decoder.onnx, config.json."""
+def export_example(tmp_path_factory, fmt: str) -> Path:
+    """The bundled example exported to `fmt` (not validated: the parity tests do that) in a fresh folder."""
     from gss_export.checkpoint import load_checkpoint
     from gss_export.export import export_model
 
-    out = tmp_path_factory.mktemp("byte_lm_onnx")
-    export_model(load_checkpoint(EXAMPLE).model, "onnx", out, validate=False)
+    out = tmp_path_factory.mktemp(f"byte_lm_{fmt}")
+    export_model(load_checkpoint(EXAMPLE).model, fmt, out, validate=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def example_onnx(tmp_path_factory) -> Path:
+    """The bundled example exported to ONNX once per session: model.onnx, decoder.onnx, config.json."""
+    return export_example(tmp_path_factory, "onnx")

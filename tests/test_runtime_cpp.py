@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.utils
 
-from conftest import EXAMPLE, LANG_NEW, LANG_PROMPT, require
+from conftest import LANG_NEW, LANG_PROMPT, export_example, require
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "runtime" / "cpp"
@@ -29,15 +29,6 @@ def exe() -> Path:
     build = run(["cmake", "--build", BUILD, "-j2"])
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     return BUILD / "gss_generate"
-
-
-def export_example(tmp_path_factory, fmt: str) -> Path:
-    from gss_export.checkpoint import load_checkpoint
-    from gss_export.export import export_model
-
-    out = tmp_path_factory.mktemp(f"{fmt}_lm")
-    export_model(load_checkpoint(EXAMPLE).model, fmt, out, validate=False)
-    return out
 
 
 @pytest.fixture(scope="module")
