@@ -128,6 +128,25 @@ def causal_conv_step(
     return out.permute(0, 2, 1, 3)
 
 
+def continuation_inputs(
+    u_past: torch.Tensor, k_past: torch.Tensor, u_new: torch.Tensor, k_new: torch.Tensor, pad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot as one sequence for a full-sequence form: `form(u, K)[:, C:]` is `causal_conv_step`'s result.
+
+    Row b's position 0 sits at slot pad[b], so its kernel is read from there: K[b, l] = k[pad[b] + l],
+    and its padding slots' inputs are zeroed (they hold whatever was fed there). A kernel index past
+    the last slot only pairs with such a zeroed input, so clamping it is enough.
+    u_past: (C, b, h, d), k_past: (C, b, h), u_new: (b, t, h, d), k_new: (b, t, h), pad: (b,) int64.
+    Returns u (b, C + t, h, d) and K (b, C + t, h).
+    """
+    u = torch.cat([u_past.permute(1, 0, 2, 3), u_new], dim=1)
+    k = torch.cat([k_past.permute(1, 0, 2), k_new], dim=1)
+    slots = torch.arange(u.shape[1], device=u.device).unsqueeze(0)  # (1, C + t)
+    u = u * (slots >= pad.unsqueeze(1)).to(u.dtype).view(u.shape[0], -1, 1, 1)
+    idx = (slots + pad.unsqueeze(1)).clamp(max=u.shape[1] - 1)  # (b, C + t)
+    return u, torch.gather(k, 1, idx.unsqueeze(-1).expand(-1, -1, k.shape[2]))
+
+
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 

@@ -1,6 +1,9 @@
-"""Export the decoder with state (`decoder.onnx`): new tokens + past in, logits + new entries out.
+"""Export the decoder with state: `decoder.onnx` (steps) and `prefill.onnx` (prompts), same interface.
 
-One graph serves a prompt of many tokens (a past of one padding slot) and a step of one. The state
+Both take new tokens + the past and return logits + the new entries; they differ in how the
+convolution reads the past. `decoder.onnx` reads it directly, O(t * (C + t)): right for one token
+(or a few) after any context. `prefill.onnx` runs the monarch form over all C + t slots at once, the
+cost of a forward of C + t tokens: right for a prompt, or a long continuation. The state
 is what a layer needs to continue (see `GatedDsConvLM.step`): per layer, the normalised conv
 inputs and the kernel values of every slot so far, slot-major, so a runtime appends the returned
 new entries to preallocated buffers and passes their filled part back without copying. A new
@@ -15,9 +18,14 @@ import torch
 from .errors import GSSExportError
 from .export_signatures import StepGraph, quiet_tracing, step_signature
 from .model import GatedDsConvLM
-from .onnx_export import SUPPORTED_OPSETS
+from .onnx_export import SUPPORTED_OPSETS, conv_translations
 
 FILE = "decoder.onnx"
+PREFILL_FILE = "prefill.onnx"
+# the conv form prefill.onnx runs over all slots: exact at every length, O(n^(4/3)) (`monarch.py`)
+PREFILL_FORM = "monarch"
+# runtimes send more new tokens than this to prefill.onnx (gss_runtime.decoder.PREFILL_ABOVE)
+PREFILL_ABOVE = 128
 
 
 def input_names(depth: int) -> list[str]:
@@ -50,26 +58,31 @@ def decoder_io(model: GatedDsConvLM) -> dict:
     }
 
 
-def build_decoder(model: GatedDsConvLM, *, opset: int) -> onnx.ModelProto:
-    """The decoder graph with batch, new_tokens and context symbolic (context >= 1)."""
+def build_decoder(model: GatedDsConvLM, *, opset: int, prefill: bool = False) -> onnx.ModelProto:
+    """The decoder graph (`prefill=True`: the prefill graph) with batch, new_tokens and context symbolic
+    (context >= 1)."""
     if opset not in SUPPORTED_OPSETS:
         raise GSSExportError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
     c = model.config
     if c.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     example, dynamic = step_signature(c)
+    target = StepGraph(model.with_conv(PREFILL_FORM if prefill else "direct"), whole=prefill).eval()
     with quiet_tracing():
         program = torch.onnx.export(
-            StepGraph(model.with_conv("direct")).eval(),
+            target,
             example,
             dynamo=True,
             opset_version=opset,
             input_names=input_names(c.depth),
             output_names=output_names(c.depth),
             dynamic_shapes=dynamic,
+            custom_translation_table=conv_translations(c, opset) if prefill else {},
             verbose=False,
         )
     proto = program.model_proto
+    if prefill:  # in-graph sizes: inferred intermediate shapes can be wrong (see onnx_export.trace_onnx)
+        del proto.graph.value_info[:]
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
         raise GSSExportError(f"the exporter could not produce opset {opset} for the decoder (it gave {got}); try --opset {got}")

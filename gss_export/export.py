@@ -44,12 +44,12 @@ def _incremental_decoder(fmt: str, staging: Path, path: Path, decoder: bool, mod
         from gss_runtime.decoder import Decoder
 
         return Decoder(staging, provider="cpu"), decoder_export.FILE
-    step = {
-        "torchscript": lambda: torchscript_export.load_torchscript(path).step,
-        "pt2": lambda: pt2_export.load_pt2_program(path, "step"),
-        "aoti": lambda: aoti_export.load_aoti(path, "step"),
-    }[fmt]()
-    return TorchDecoder(step, model.config), f"{path.name} (step)"
+    load = {
+        "torchscript": lambda name: getattr(torchscript_export.load_torchscript(path), name),
+        "pt2": lambda name: pt2_export.load_pt2_program(path, name),
+        "aoti": lambda name: aoti_export.load_aoti(path, name),
+    }[fmt]
+    return TorchDecoder(load("step"), model.config, prefill=load("prefill")), f"{path.name} (step, prefill)"
 
 
 def export_model(
@@ -101,10 +101,15 @@ def export_model(
             if decoder:
                 progress("export", 0, 1, "building the decoder with state")
                 io = decoder_export.decoder_io(model)
-                dec = decoder_export.build_decoder(model, opset=opset)
-                onnx_export.annotate(dec, {"model": config, "export": {**settings, "file": decoder_export.FILE, "conv": "direct at positions"}, **io})
-                save_onnx_file(dec, staging / decoder_export.FILE, external_data, variant, settings)
+                for name, prefill, how in ((decoder_export.FILE, False, "direct over the past"),
+                                           (decoder_export.PREFILL_FILE, True, f"{decoder_export.PREFILL_FORM} over all slots")):
+                    progress("export", 0, 1, f"building {name}")
+                    graph = decoder_export.build_decoder(model, opset=opset, prefill=prefill)
+                    onnx_export.annotate(graph, {"model": config, "export": {**settings, "file": name, "conv": how}, **io})
+                    save_onnx_file(graph, staging / name, external_data, variant, settings)
                 settings["decoder"] = {"file": decoder_export.FILE, **io}
+                settings["prefill"] = {"file": decoder_export.PREFILL_FILE, "conv": decoder_export.PREFILL_FORM,
+                                       "use_above_new_tokens": decoder_export.PREFILL_ABOVE}
         elif fmt == "torchscript":
             settings = torchscript_export.export_settings(model, conv=conv)
             path = staging / settings["file"]

@@ -37,15 +37,16 @@ def quiet_tracing():
 
 
 class StepGraph(nn.Module):
-    """`model.step` as a module's forward with flat outputs (logits, *new_u, *new_k), so an exporter
-    sees named tensor inputs and outputs."""
+    """`model.step` (or `model.prefill` with `whole=True`) as a module's forward with flat outputs
+    (logits, *new_u, *new_k), so an exporter sees named tensor inputs and outputs."""
 
-    def __init__(self, model: GatedDsConvLM):
+    def __init__(self, model: GatedDsConvLM, whole: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.whole = model, whole
 
     def forward(self, input_ids, pad, past_u, past_k):
-        logits, new_u, new_k = self.model.step(input_ids, pad, past_u, past_k)
+        advance = self.model.prefill if self.whole else self.model.step
+        logits, new_u, new_k = advance(input_ids, pad, past_u, past_k)
         return (logits, *new_u, *new_k)
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .conv_forms import causal_conv_step, make_conv
+from .conv_forms import causal_conv_step, continuation_inputs, make_conv
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,25 @@ class EfficientDsConv(nn.Module):
         return out.reshape(b, n, dim) + u * self.param_D
 
     def step(
-        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor, whole: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """New positions given the conv inputs and kernel values seen so far (see `causal_conv_step`).
+        """New positions given the conv inputs and kernel values seen so far.
 
         x: (b, t, dim) for slots C..C+t-1; u_past: (C, b, dim); k_past: (C, b, heads); pad: (b,).
         Returns out (b, t, dim) and the new entries only, u_new (t, b, dim) and k_new (t, b, heads):
-        the caller appends them, nothing is mutated or copied here.
+        the caller appends them, nothing is mutated or copied here. `whole=False` reads the past
+        directly (`causal_conv_step`, O(t * (C + t)): one token, or a few); `whole=True` runs this
+        layer's full-sequence form over all C + t slots (a prompt: the cost of a forward of C + t).
         """
         b, t, dim = x.shape
         u, K = self.project(x)
         h = self.heads
-        out = causal_conv_step(u_past.reshape(-1, b, h, dim // h), k_past, u.reshape(b, t, h, dim // h), K, pad)
+        u_heads, past = u.reshape(b, t, h, dim // h), u_past.reshape(-1, b, h, dim // h)
+        if whole:
+            u_all, k_all = continuation_inputs(past, k_past, u_heads, K, pad)
+            out = self.conv(u_all, k_all)[:, past.shape[0] :]
+        else:
+            out = causal_conv_step(past, k_past, u_heads, K, pad)
         return out.reshape(b, t, dim) + u * self.param_D, u.transpose(0, 1), K.transpose(0, 1)
 
 
@@ -110,13 +117,13 @@ class GatedDsConv(nn.Module):
         return out
 
     def step(
-        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor
+        self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor, whole: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` for new positions only (see `EfficientDsConv.step`); x: (b, t, dim)."""
         if self.reverse_seq:
             raise ValueError("a reverse_seq layer sees the future: it has no incremental form")
         h = self.norm(x)
-        conv, u_new, k_new = self.dsconv.step(self.to_v(h), u_past, k_past, pad)
+        conv, u_new, k_new = self.dsconv.step(self.to_v(h), u_past, k_past, pad, whole)
         return self.gated_output(h, conv, x), u_new, k_new
 
     def gated_output(self, h: torch.Tensor, conv: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -163,13 +170,28 @@ class GatedDsConvLM(nn.Module):
         (a ragged prompt batch is padded on the left of the storage, absolute positions stay right);
         past_u[i]: (C, b, dim_dsconv) normalised conv inputs of layer i; past_k[i]: (C, b, heads) its
         kernel values (C may be 0). Returns logits (b, t, num_tokens) and, per layer, the new entries
-        u (t, b, dim_dsconv) and k (t, b, heads) to append at slots C..C+t-1.
+        u (t, b, dim_dsconv) and k (t, b, heads) to append at slots C..C+t-1. The convolution reads
+        the past directly: O(t * (C + t)), right for one token or a few.
         """
+        return self._advance(input_ids, pad, past_u, past_k, False)
+
+    @torch.jit.export
+    def prefill(
+        self, input_ids: torch.Tensor, pad: torch.Tensor, past_u: list[torch.Tensor], past_k: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """`step` for a prompt or a long continuation: the same inputs, outputs and results, with each
+        layer's convolution run by its full-sequence form over all C + t slots (the cost of a forward
+        of C + t tokens, where `step` costs O(t * (C + t)))."""
+        return self._advance(input_ids, pad, past_u, past_k, True)
+
+    def _advance(
+        self, input_ids: torch.Tensor, pad: torch.Tensor, past_u: list[torch.Tensor], past_k: list[torch.Tensor], whole: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         x = self.token_emb(input_ids)
         new_u: list[torch.Tensor] = []
         new_k: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, u, k = layer.step(x, past_u[i], past_k[i], pad)
+            x, u, k = layer.step(x, past_u[i], past_k[i], pad, whole)
             new_u.append(u)
             new_k.append(k)
         return self.to_logits(x), new_u, new_k

@@ -59,14 +59,18 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
     if form == "switch":
         short, long = (build_onnx(model, conv=f, opset=opset) for f in SWITCH_FORMS)
         return switch_by_length(short, long, SWITCH_LENGTH)
+    return trace_onnx(model.with_conv(form), opset=opset, translation=conv_translations(cfg, opset))
+
+
+def conv_translations(cfg, opset: int) -> dict:
+    """The ONNX translations of the conv forms' custom ops for a model of `cfg` at `opset`."""
     build_opset = max(opset, BUILD_MIN_OPSET)
-    translation = {
+    return {
         torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(build_opset),
         torch.ops.gss_export.monarch_causal_conv.default: monarch_conv_translation(
             build_opset, head_dim=cfg.dim_dsconv // cfg.heads, heads=cfg.heads
         ),
     }
-    return trace_onnx(model.with_conv(form), opset=opset, translation=translation)
 
 
 def trace_onnx(target: GatedDsConvLM, *, opset: int, translation: dict | None = None) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""Export to a torch.export archive: `model.pt2` holding the programs `model` (forward) and `step`.
+"""Export to a torch.export archive: `model.pt2` holding the programs `model` (forward), `step` and `prefill`.
 
 `torch.export.load(path)` gives the forward program, dynamic in batch and length (up to
 max_seq_len); `load_pt2(path).exported_programs["step"]` the incremental decoder, with the ONNX
@@ -21,7 +21,7 @@ from .export_signatures import StepGraph, forward_signature, quiet_tracing, step
 from .model import GatedDsConvLM
 
 FILE = "model.pt2"
-PROGRAMS = ("model", "step")
+PROGRAMS = ("model", "step", "prefill")
 
 
 def export_settings(model: GatedDsConvLM, *, conv: str, fmt: str = "pt2") -> dict:
@@ -45,7 +45,7 @@ def torch_export_form(conv: str, fmt: str) -> str:
 
 
 def build_programs(model: GatedDsConvLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
-    """{"model": forward, "step": StepGraph} exported with batch, length and context symbolic."""
+    """{"model": forward, "step": StepGraph, "prefill": StepGraph(whole=True)} exported with batch, length and context symbolic."""
     if model.config.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     target = model.with_conv(torch_export_form(conv, fmt))
@@ -54,8 +54,10 @@ def build_programs(model: GatedDsConvLM, *, conv: str = "auto", fmt: str = "pt2"
     with quiet_tracing():
         return {
             "model": torch.export.export(target, fwd_example, dynamic_shapes=fwd_dynamic),
-            # the step's convolution is the direct product over the past at any form
+            # the step's convolution is the direct product over the past at any form; prefill runs the
+            # target's form over all slots
             "step": torch.export.export(StepGraph(target).eval(), step_example, dynamic_shapes=step_dynamic),
+            "prefill": torch.export.export(StepGraph(target, whole=True).eval(), step_example, dynamic_shapes=step_dynamic),
         }
 
 
@@ -66,7 +68,7 @@ def save_pt2(programs: dict[str, ExportedProgram], path: Path, metadata: dict) -
 
 
 def load_pt2_program(path: Path, name: str = "model") -> torch.nn.Module:
-    """The program `name` ("model": forward, or "step") from a model.pt2 written by `save_pt2`, as a module."""
+    """The program `name` ("model": forward, "step" or "prefill") from a model.pt2 written by `save_pt2`, as a module."""
     from torch.export.pt2_archive._package import load_pt2
 
     with quiet_tracing():

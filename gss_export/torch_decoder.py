@@ -1,8 +1,10 @@
-"""Incremental decoding through a torch `step` (TorchScript, torch.export or AOTInductor), numpy in and out.
+"""Incremental decoding through a torch `step` and `prefill` (TorchScript, torch.export or AOTInductor),
+numpy in and out.
 
-The same interface as `gss_runtime.Decoder` over decoder.onnx (empty_state / feed / step), so one
-validation (`validation.validate_decoder`) checks every target's incremental decoding. A state is
-(pad, past_u, past_k); feeding returns new lists and leaves the old state usable.
+The same interface as `gss_runtime.Decoder` over decoder.onnx and prefill.onnx (empty_state / feed /
+step, the same choice of graph by length), so one validation (`validation.validate_decoder`) checks
+every target's incremental decoding. A state is (pad, past_u, past_k); feeding returns new lists and
+leaves the old state usable.
 """
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ import torch
 from .model import GSSConfig
 
 
-class TorchDecoder:
-    """step(input_ids, pad, past_u, past_k) -> (logits, new_u, new_k) nested, or flat (logits, *new_u, *new_k)."""
+# more new tokens than this go through `prefill` (as gss_runtime.decoder.PREFILL_ABOVE)
+PREFILL_ABOVE = 128
 
-    def __init__(self, step: Callable, config: GSSConfig):
-        self.step_fn, self.config = step, config
+
+class TorchDecoder:
+    """step and prefill: (input_ids, pad, past_u, past_k) -> (logits, new_u, new_k) nested, or flat
+    (logits, *new_u, *new_k)."""
+
+    def __init__(self, step: Callable, config: GSSConfig, prefill: Callable | None = None):
+        self.step_fn, self.prefill_fn, self.config = step, prefill, config
 
     def empty_state(self, pads):
         """One zero padding slot (pad counts it): the exported steps need a past of at least one slot."""
@@ -27,11 +34,17 @@ class TorchDecoder:
         b = len(pad)
         return pad, [torch.zeros(1, b, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
 
-    def feed(self, input_ids, state):
-        """input_ids (b, t) -> logits (b, t, num_tokens) numpy, new state."""
+    def feed(self, input_ids, state, whole: bool | None = None):
+        """input_ids (b, t) -> logits (b, t, num_tokens) numpy, new state; whole: through prefill (True),
+        step (False) or by length (None)."""
         pad, past_u, past_k = state
+        ids = torch.as_tensor(np.asarray(input_ids, np.int64))
+        if whole is None:
+            whole = self.prefill_fn is not None and ids.shape[1] > PREFILL_ABOVE
+        elif whole and self.prefill_fn is None:
+            raise ValueError("this artifact has no prefill")
         with torch.no_grad():
-            out = self.step_fn(torch.as_tensor(np.asarray(input_ids, np.int64)), pad, past_u, past_k)
+            out = (self.prefill_fn if whole else self.step_fn)(ids, pad, past_u, past_k)
         depth = self.config.depth
         logits, new_u, new_k = out if len(out) == 3 and isinstance(out[1], (list, tuple)) else (out[0], out[1 : 1 + depth], out[1 + depth :])
         grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in ((past_u, new_u), (past_k, new_k))]

@@ -113,13 +113,18 @@ def compare(
             row.error = f"shape {got.shape}"
             report.failures.append(f"batch {b}, length {n}: logits shape {got.shape}, expected {(b, n, num_tokens)}")
             continue
-        with torch.no_grad():
-            want = reference(torch.from_numpy(ids)).numpy()
-        diff = np.abs(got.astype(np.float64) - want)
-        ref_max = float(np.abs(want).max())
-        row.max_abs = float(diff.max())
+        row.max_abs, ref_max, finite = 0.0, 0.0, True
+        for r in range(b):  # one row at a time: the reference's memory does not grow with the batch
+            with torch.no_grad():
+                want = reference(torch.from_numpy(ids[r : r + 1]))[0].numpy()
+            diff = np.abs(got[r] - want)
+            finite = finite and bool(np.isfinite(diff).all())
+            row.max_abs = max(row.max_abs, float(diff.max()))
+            ref_max = max(ref_max, float(np.abs(want).max()))
+            del want, diff
+        row.max_abs = row.max_abs if finite else float("nan")
         row.max_rel = row.max_abs / max(ref_max, 1e-30)
-        row.passed = bool(np.isfinite(diff).all()) and tolerance.passes(row.max_abs, ref_max)
+        row.passed = finite and tolerance.passes(row.max_abs, ref_max)
         if not row.passed:
             report.failures.append(
                 f"batch {b}, length {n}: max abs error {row.max_abs:.3g}, rel {row.max_rel:.3g} "
@@ -196,57 +201,90 @@ def torch_runner(forward) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def decoder_cases(max_seq_len: int) -> list[tuple[str, list[int], int]]:
-    """(name, prompt lengths, steps): one token, a batch crossing 128, a ragged batch, the last positions."""
-    cases = [("1 token + steps", [1], 8), ("batch 3 across 128", [100, 100, 100], 30), ("ragged 7/65/129", [7, 65, 129], 5)]
-    cases = [(name, [min(n, max_seq_len - 1) for n in lens], min(steps, max_seq_len - max(lens))) for name, lens, steps in cases]
-    return [c for c in cases if c[2] >= 1] + [("up to max_seq_len", [max_seq_len - 3, 2], 3)]
+@dataclass(frozen=True)
+class DecoderCase:
+    """A prompt batch (ragged: one length per row), optionally `more` tokens fed in one call after it,
+    then `steps` single tokens. whole: the graph the prompt and `more` go through (True: prefill,
+    False: the step graph, None: the runtime's own choice by length)."""
+
+    name: str
+    lengths: tuple[int, ...]
+    steps: int
+    more: int = 0
+    whole: bool | None = None
+
+
+def decoder_cases(max_seq_len: int) -> list[DecoderCase]:
+    """One token, a batch crossing 128 through the step graph, a ragged batch and a continuation through
+    the prefill graph, the last positions. Each case is cut to fit max_seq_len."""
+    m = max_seq_len
+    cases = [
+        DecoderCase("1 token + steps", (1,), 8),
+        DecoderCase("batch 3 across 128 (step graph)", (100, 100, 100), 30, whole=False),
+        DecoderCase("ragged 7/65/129 (prefill)", (7, 65, 129), 5, whole=True),
+        DecoderCase("prefill + continuation", (150, 40), 3, more=150, whole=True),
+    ]
+    fitted = []
+    for c in cases:
+        lengths = tuple(min(n, m - 1) for n in c.lengths)
+        more = min(c.more, m - 1 - max(lengths))
+        steps = min(c.steps, m - max(lengths) - more)
+        if steps >= 1:
+            fitted.append(DecoderCase(c.name, lengths, steps, more, c.whole))
+    return fitted + [DecoderCase("up to max_seq_len", (m - 3, 2), 3)]
 
 
 def validate_decoder(decoder, artifact: str, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
     """Incremental decoding against eager full forwards at every position.
 
-    `decoder` has empty_state(pads), feed(ids (b, t), state) and step(tokens (b,), state), each
-    returning numpy logits and the new state: `gss_runtime.Decoder` over decoder.onnx, or
-    `torch_decoder.TorchDecoder` over the step of model.pt or model.pt2. Each case prefills a (ragged)
-    prompt batch, then feeds one token per step; each row's logits at all its positions must
-    equal the eager forward of that row's whole sequence.
+    `decoder` has empty_state(pads), feed(ids (b, t), state, whole) and step(tokens (b,), state), each
+    returning numpy logits and the new state: `gss_runtime.Decoder` over decoder.onnx and prefill.onnx,
+    or `torch_decoder.TorchDecoder` over the step and prefill of model.pt or model.pt2. Each case
+    prefills a (ragged) prompt batch, may continue it, then feeds one token per step; each row's logits
+    at all its positions must equal the eager forward of that row's whole sequence. Memory stays linear
+    in the length: prompts at max_seq_len go through the prefill graph, the reference runs row by row.
     """
     reference, name = eager_reference(model)
     report = ValidationReport(artifact=artifact, reference=name, tolerance=tolerance)
     rng = np.random.default_rng(1)
     cases = decoder_cases(model.config.max_seq_len)
-    for i, (case, lengths, steps) in enumerate(cases):
+    for i, case in enumerate(cases):
         if on_progress:
-            on_progress(i, len(cases), case)
-        seqs = [rng.integers(0, model.config.num_tokens, size=n + steps) for n in lengths]
-        row = ShapeCheck(batch=len(lengths), length=max(lengths) + steps, case=case)
+            on_progress(i, len(cases), case.name)
+        lengths, longest = case.lengths, max(case.lengths)
+        seqs = [rng.integers(0, model.config.num_tokens, size=n + case.more + case.steps) for n in lengths]
+        row = ShapeCheck(batch=len(lengths), length=longest + case.more + case.steps, case=case.name)
         report.rows.append(row)
         try:
-            longest = max(lengths)
             padded = np.zeros((len(seqs), longest), np.int64)
             for r, (seq, n) in enumerate(zip(seqs, lengths)):
                 padded[r, longest - n :] = seq[:n]
-            logits, state = decoder.feed(padded, decoder.empty_state([longest - n for n in lengths]))
-            got = [list(logits[r, longest - n :]) for r, n in enumerate(lengths)]
-            for t in range(steps):
-                step_logits, state = decoder.step(np.array([seq[n + t] for seq, n in zip(seqs, lengths)]), state)
+            logits, state = decoder.feed(padded, decoder.empty_state([longest - n for n in lengths]), case.whole)
+            got = [[logits[r, longest - n :]] for r, n in enumerate(lengths)]
+            if case.more:
+                logits, state = decoder.feed(np.stack([seq[n : n + case.more] for seq, n in zip(seqs, lengths)]), state, case.whole)
                 for r in range(len(seqs)):
-                    got[r].append(step_logits[r])
+                    got[r].append(logits[r])
+            for t in range(case.steps):
+                step_logits, state = decoder.step(np.array([seq[n + case.more + t] for seq, n in zip(seqs, lengths)]), state)
+                for r in range(len(seqs)):
+                    got[r].append(step_logits[r][None])
         except Exception as e:
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            report.failures.append(f"decoder case {case!r} failed to run: {row.error}")
+            report.failures.append(f"decoder case {case.name!r} failed to run: {row.error}")
             continue
+        del state, logits
         worst_abs, ref_max = 0.0, 0.0
         for seq, rows in zip(seqs, got):
             with torch.no_grad():
                 want = reference(torch.from_numpy(seq[None].astype(np.int64)))[0].numpy()
-            worst_abs = max(worst_abs, float(np.abs(np.stack(rows).astype(np.float64) - want).max()))
+            worst_abs = max(worst_abs, float(np.abs(np.concatenate(rows) - want).max()))
             ref_max = max(ref_max, float(np.abs(want).max()))
+            del want
         row.max_abs, row.max_rel = worst_abs, worst_abs / max(ref_max, 1e-30)
         row.passed = tolerance.passes(worst_abs, ref_max)
         if not row.passed:
-            report.failures.append(f"decoder case {case!r}: max abs error {worst_abs:.3g}, rel {row.max_rel:.3g} exceeds tolerance")
+            report.failures.append(f"decoder case {case.name!r}: max abs error {worst_abs:.3g}, rel {row.max_rel:.3g} exceeds tolerance")
     if on_progress:
         on_progress(len(cases), len(cases), "done")
     return report

@@ -1,12 +1,18 @@
-"""The decoder with state (`decoder.onnx`) driven from numpy: prefill ragged prompts, then step.
+"""The decoder with state (`decoder.onnx`, `prefill.onnx`) driven from numpy: prefill ragged prompts, then step.
 
 Torch-free. Per layer the state holds the normalised conv inputs and kernel values of every
-slot so far, slot-major: (slots, batch, width). The graph returns only the new slots' entries;
+slot so far, slot-major: (slots, batch, width). The graphs return only the new slots' entries;
 they are appended in place to buffers with spare capacity, and the filled part goes back to the
 graph as a view, so a step copies nothing that grows with the context. Ragged prompts are padded
 on the left of the storage with `pad` telling each row where its position 0 is, so every row
 appends at the same slot while the kernel still sees absolute positions (left padding of the
 *tokens*, as a plain model would see it, would change results).
+
+The two graphs have one interface and give the same results; they differ in cost. `decoder.onnx`
+reads the past directly, O(t * (context + t)) for t new tokens: a step. `prefill.onnx` runs the
+full-sequence convolution over every slot, the cost of a forward of context + t tokens: a prompt or
+a long continuation. `feed` sends more than `PREFILL_ABOVE` new tokens to prefill.onnx (exports made
+before it existed fall back to chunks through decoder.onnx, which costs O(t^2)).
 """
 from __future__ import annotations
 
@@ -22,8 +28,12 @@ from .runner import check_ids
 from .session import check_provider, locate, open_session, read_config
 
 DECODER_NAME = "decoder.onnx"
-# A prompt goes in chunks: the chunk's (t, context + t) kernel taps stay cache-sized. Measured for
-# a 2048-token prompt (dim 512, depth 4, 2 threads): whole 2.3 s, chunks of 512 1.0 s, 256 0.9 s.
+PREFILL_NAME = "prefill.onnx"
+# more new tokens than this go through prefill.onnx: up to it the direct read of the past is cheaper
+# even after a long context (the same crossover as model.onnx's switch between conv forms)
+PREFILL_ABOVE = 128
+# without prefill.onnx a prompt goes through decoder.onnx in chunks: the chunk's (t, context + t)
+# kernel taps stay cache-sized (2048-token prompt, dim 512: whole 2.3 s, chunks of 256 0.9 s)
 PREFILL_CHUNK = 256
 
 
@@ -73,7 +83,10 @@ class DecoderState:
 
 
 class Decoder:
-    """An onnxruntime session over `decoder.onnx`. model: a gss-export folder or the decoder .onnx file."""
+    """onnxruntime sessions over `decoder.onnx` and, where exported, `prefill.onnx`.
+
+    model: a gss-export folder or the decoder .onnx file (prefill.onnx is looked for beside it).
+    """
 
     def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None):
         check_provider(provider, threads)
@@ -85,10 +98,18 @@ class Decoder:
         depth = self.config["depth"]
         self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
         self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
-        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        self._check_names(self.session, self.path)
+        prefill = self.path.with_name(PREFILL_NAME)
+        self.prefill_path = prefill if prefill.is_file() and prefill != self.path else None
+        self.prefill_session = open_session(prefill, provider, threads) if self.prefill_path else None
+        if self.prefill_session is not None:
+            self._check_names(self.prefill_session, prefill)
+
+    def _check_names(self, session, path: Path) -> None:
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         if names != (["input_ids", "pad", *self.past_names], ["logits", *self.new_names]):
             raise RuntimeInputError(
-                f"{self.path} is not a gss-export decoder with state for this config: found inputs {names[0]} "
+                f"{path} is not a gss-export decoder with state for this config: found inputs {names[0]} "
                 f"and outputs {names[1]} (re-export with gss-export --format onnx)"
             )
 
@@ -103,13 +124,22 @@ class Decoder:
         pad = np.asarray(pad, np.int64) + 1
         return DecoderState(pad, 1, _Slots([np.zeros((1, len(pad), w), np.float32) for w in widths], 1))
 
-    def feed(self, input_ids, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
-        """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state."""
+    def feed(self, input_ids, state: DecoderState, whole: bool | None = None) -> tuple[np.ndarray, DecoderState]:
+        """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state.
+
+        whole: run prefill.onnx (True) or decoder.onnx (False); by default prefill.onnx for more
+        than PREFILL_ABOVE tokens when the export has it.
+        """
         ids = check_ids(input_ids, self.config)
         t, limit = ids.shape[1], self.config["max_seq_len"]
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
-        outputs = self.session.run(None, {"input_ids": ids, "pad": state.pad, **state.past(self.past_names)})
+        if whole is None:
+            whole = self.prefill_session is not None and t > PREFILL_ABOVE
+        elif whole and self.prefill_session is None:
+            raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
+        session = self.prefill_session if whole else self.session
+        outputs = session.run(None, {"input_ids": ids, "pad": state.pad, **state.past(self.past_names)})
         slots = state.slots
         if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
             slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
@@ -120,7 +150,10 @@ class Decoder:
         return outputs[0], DecoderState(state.pad, state.length + t, slots)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecoderState]:
-        """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state."""
+        """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state.
+
+        With prefill.onnx the prompts go in one call at full-sequence cost; without it, in chunks.
+        """
         if len(prompts) == 0:
             raise RuntimeInputError("no prompts given")
         rows = [check_ids(p, self.config, one_sequence=True)[0] for p in prompts]
@@ -129,8 +162,9 @@ class Decoder:
         for i, r in enumerate(rows):
             padded[i, longest - len(r) :] = r
         state = self.empty_state([longest - len(r) for r in rows])
-        for start in range(0, longest, PREFILL_CHUNK):
-            logits, state = self.feed(padded[:, start : start + PREFILL_CHUNK], state)
+        chunk = longest if self.prefill_session is not None else PREFILL_CHUNK
+        for start in range(0, longest, chunk):
+            logits, state = self.feed(padded[:, start : start + chunk], state)
         return logits[:, -1], state
 
     def step(self, tokens, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
