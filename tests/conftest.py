@@ -25,6 +25,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "mod
 # the other-language runtimes' check (issue: 24 greedy tokens from a 23-token prompt, equal to eager)
 LANG_PROMPT = list(b"The for statement is us")
 LANG_NEW = 24
+# a prompt long enough to go through the prefill graph (more than 128 tokens), 300 bytes of the README
+LONG_PROMPT = list((Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "README.md").read_bytes()[:300])
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -70,6 +72,13 @@ def eager_greedy(model, prompt, new, window=None) -> list[int]:
             context = seq if window is None else seq[-window:]
             seq.append(int(model(torch.tensor([context]))[0, -1].argmax()))
     return seq[len(prompt):]
+
+
+@pytest.fixture(scope="session")
+def long_reference(example_upstream) -> list[int]:
+    """The 24 greedy tokens upstream eager makes after LONG_PROMPT."""
+    assert len(LONG_PROMPT) == 300
+    return eager_greedy(example_upstream, LONG_PROMPT, LANG_NEW)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.utils
 
-from conftest import LANG_NEW, LANG_PROMPT, export_example, require
+from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, export_example, require
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "runtime" / "cpp"
@@ -41,8 +41,8 @@ def model_aoti(tmp_path_factory) -> Path:
     return export_example(tmp_path_factory, "aoti")
 
 
-def generate(exe: Path, model: Path, *options: str) -> dict:
-    ids = ",".join(map(str, LANG_PROMPT))
+def generate(exe: Path, model: Path, *options: str, prompt=LANG_PROMPT) -> dict:
+    ids = ",".join(map(str, prompt))
     proc = run([exe, model, "--prompt-ids", ids, "--max-new-tokens", str(LANG_NEW), *options], timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -52,18 +52,25 @@ def generate(exe: Path, model: Path, *options: str) -> dict:
 
 def test_incremental_greedy_equals_eager(exe, model_pt, lang_reference):
     result = generate(exe, model_pt, "--threads", "2")
-    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental"}
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental", "prompt": "step"}
 
 
 def test_full_recompute_and_model_file_path_agree(exe, model_pt, lang_reference):
     result = generate(exe, model_pt / "model.pt", "--full-recompute")
-    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute"}
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute", "prompt": "forward"}
 
 
 def test_aoti_package_incremental_and_full_equal_eager(exe, model_aoti, lang_reference):
-    assert generate(exe, model_aoti) == {"tokens": lang_reference, "format": "aoti", "decoding": "incremental"}
+    assert generate(exe, model_aoti) == {"tokens": lang_reference, "format": "aoti", "decoding": "incremental", "prompt": "step"}
     full = generate(exe, model_aoti / "model.pt2", "--full-recompute")
-    assert full == {"tokens": lang_reference, "format": "aoti", "decoding": "full-recompute"}
+    assert full == {"tokens": lang_reference, "format": "aoti", "decoding": "full-recompute", "prompt": "forward"}
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "aoti"])
+def test_long_prompt_goes_through_prefill(exe, model_pt, model_aoti, long_reference, fmt):
+    """A 300-token prompt: one prefill call (full-sequence convolution), then steps; equal to eager."""
+    result = generate(exe, model_pt if fmt == "torchscript" else model_aoti, prompt=LONG_PROMPT)
+    assert result == {"tokens": long_reference, "format": fmt, "decoding": "incremental", "prompt": "prefill"}
 
 
 def test_pt2_archive_is_refused_with_the_way_out(exe, tmp_path_factory):

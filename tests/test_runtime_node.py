@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LANG_NEW, LANG_PROMPT, require
+from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, require
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "runtime" / "node"
 GENERATE = NODE_DIR / "generate.js"
@@ -36,18 +36,34 @@ def ids(values) -> str:
 def test_node_greedy_matches_eager(node, example_onnx, lang_reference):
     proc = generate(node, example_onnx, "--prompt-ids", ids(LANG_PROMPT), "--max-new-tokens", LANG_NEW, "--threads", 2)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout) == {"tokens": lang_reference}
+    assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout) == {"tokens": lang_reference, "prompt": "step"}
 
 
-def test_node_chunked_prefill_matches_python_runtime(node, example_onnx):
-    """A 300-token prompt is fed in two chunks (256 + 44): same tokens as the Python runtime."""
+def test_node_long_prompt_goes_through_prefill(node, example_onnx, long_reference):
+    """A 300-token prompt goes through prefill.onnx in one call: the same tokens as eager."""
+    proc = generate(node, example_onnx, "--prompt-ids", ids(LONG_PROMPT), "--max-new-tokens", LANG_NEW)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"tokens": long_reference, "prompt": "prefill"}
+
+
+def test_node_without_prefill_chunks_the_prompt(node, example_onnx, tmp_path):
+    """An export without prefill.onnx (made before it existed): the prompt in chunks of 256 through
+    decoder.onnx, the same tokens as the Python runtime."""
+    import shutil
+
     from gss_runtime.generate import Generator
 
+    old = tmp_path / "old"
+    shutil.copytree(example_onnx, old)
+    (old / "prefill.onnx").unlink()
+    config = json.loads((old / "config.json").read_text())
+    del config["export"]["prefill"]
+    (old / "config.json").write_text(json.dumps(config))
     prompt = np.random.default_rng(3).integers(0, 256, 300).tolist()
-    want = Generator(example_onnx, provider="cpu").generate(prompt, 8).tokens[0]
-    proc = generate(node, example_onnx, "--prompt-ids", ids(prompt), "--max-new-tokens", 8)
+    want = Generator(old, provider="cpu").generate(prompt, 8).tokens[0]
+    proc = generate(node, old, "--prompt-ids", ids(prompt), "--max-new-tokens", 8)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"tokens": want}
+    assert json.loads(proc.stdout) == {"tokens": want, "prompt": "step"}
 
 
 BAD = {

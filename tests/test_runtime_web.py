@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LANG_NEW, LANG_PROMPT, require
+from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, require
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "runtime" / "web"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,7 +64,16 @@ def test_web_page_greedy_matches_eager(node, page_url, lang_reference, tmp_path)
     assert set(range(1, LANG_NEW + 1)) <= set(result["counts"])  # each token was shown as it came
     assert result["text"] == bytes(LANG_PROMPT + lang_reference).decode("utf-8", "replace")
     assert result["errors"] == []
+    assert result["prompt"] == "step"
     check_png(shot)
+
+
+def test_web_page_long_prompt_goes_through_prefill(node, page_url, long_reference, tmp_path):
+    """A 300-byte prompt: prefill.onnx in one call, then steps; the same tokens as eager."""
+    result = drive(node, page_url, tmp_path / "web_long.png", "--prompt", ",".join(map(str, LONG_PROMPT)), "--ids",
+                   "--max-new-tokens", str(LANG_NEW))
+    assert result["state"] == "done", result["status"]
+    assert result["tokens"] == long_reference and result["prompt"] == "prefill"
 
 
 # the checks themselves are shared with generate.js (tested there): here, that the page shows them

@@ -8,7 +8,10 @@
 // `step` (the TorchScript method, the package's second model) that takes the new tokens and the
 // per-layer state (conv inputs and kernel values of every slot so far) and returns the new entries,
 // which go into buffers sized for the whole run, so a token costs one position's work plus one read
-// of the state. TorchScript files exported before `step` existed fall back to a full forward per token.
+// of the state. A prompt of more than 128 tokens goes through `prefill` instead (same interface; its
+// convolution runs the full-sequence form over every slot, the cost of one forward of the prompt).
+// TorchScript files exported before `step` existed fall back to a full forward per token, those
+// before `prefill` to the prompt in chunks through `step`.
 #include <ATen/Parallel.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
@@ -33,15 +36,17 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-constexpr int64_t kPrefillChunk = 256;  // keeps each chunk's (t, context + t) kernel taps cache-sized
+constexpr int64_t kPrefillAbove = 128;  // longer prompts go through prefill (gss_runtime.decoder.PREFILL_ABOVE)
+constexpr int64_t kPrefillChunk = 256;  // without prefill: keeps each chunk's (t, context + t) kernel taps cache-sized
 
-// A loaded model behind one interface. step's inputs and outputs are flat, in the ONNX decoder's
-// order: (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..).
+// A loaded model behind one interface. step's and prefill's inputs and outputs are flat, in the ONNX
+// decoder's order: (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..).
 struct Model {
   std::string format;
   int64_t num_tokens = 0, max_seq_len = 0, depth = 0, heads = 0, dim_dsconv = 0;
   std::function<torch::Tensor(const torch::Tensor&)> forward;
-  std::function<Tensors(const Tensors&)> step;  // empty when the file has no step
+  std::function<Tensors(const Tensors&)> step;     // empty when the file has no step
+  std::function<Tensors(const Tensors&)> prefill;  // empty when the file has no prefill
 };
 
 Model load_torchscript(const fs::path& path) {
@@ -67,17 +72,20 @@ Model load_torchscript(const fs::path& path) {
     throw UsageError(path.string() + " is not a gss-export GatedDsConvLM (no to_logits, dsconv layers or max_seq_len)");
   m.max_seq_len = module->attr("max_seq_len").toInt();
   m.forward = [module](const torch::Tensor& ids) { return module->forward({ids}).toTensor(); };
-  if (module->find_method("step")) {
-    const auto depth = m.depth;
-    m.step = [module, depth](const Tensors& in) {
+  const auto depth = m.depth;
+  auto method = [module, depth](const std::string& name) -> std::function<Tensors(const Tensors&)> {
+    if (!module->find_method(name)) return {};
+    return [module, depth, name](const Tensors& in) {
       c10::List<torch::Tensor> u(Tensors(in.begin() + 2, in.begin() + 2 + depth)), k(Tensors(in.begin() + 2 + depth, in.end()));
-      auto out = module->run_method("step", in[0], in[1], u, k).toTuple();
+      auto out = module->run_method(name, in[0], in[1], u, k).toTuple();
       Tensors flat{out->elements()[0].toTensor()};
       for (int half = 1; half <= 2; ++half)
         for (const auto& t : out->elements()[half].toTensorVector()) flat.push_back(t);
       return flat;
     };
-  }
+  };
+  m.step = method("step");
+  m.prefill = method("prefill");
   return m;
 }
 
@@ -104,6 +112,11 @@ Model load_aoti(const fs::path& path) {
   m.dim_dsconv = size("dim_dsconv");
   m.forward = [forward](const torch::Tensor& ids) { return forward->run({ids})[0]; };
   m.step = [step](const Tensors& in) { return step->run(in); };
+  try {  // packages exported before prefill existed have only model and step
+    auto prefill = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path.string(), "prefill");
+    m.prefill = [prefill](const Tensors& in) { return prefill->run(in); };
+  } catch (const std::exception&) {
+  }
   return m;
 }
 
@@ -126,16 +139,19 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
 // is padding (pad = 1 says position 0 is slot 1): the exported steps take a past of at least one slot.
 class Decoder {
  public:
-  Decoder(const Model& m, int64_t capacity) : step_(m.step), pad_(torch::ones({1}, torch::kInt64)) {
+  Decoder(const Model& m, int64_t capacity) : step_(m.step), prefill_(m.prefill), pad_(torch::ones({1}, torch::kInt64)) {
     for (int64_t i = 0; i < 2 * m.depth; ++i)
       buffers_.push_back(torch::zeros({capacity + 1, 1, i < m.depth ? m.dim_dsconv : m.heads}));
   }
 
-  // ids for the next slots -> logits (1, t, num_tokens); their entries are appended.
-  torch::Tensor feed(const std::vector<int64_t>& ids) {
+  bool has_prefill() const { return static_cast<bool>(prefill_); }
+
+  // ids for the next slots -> logits (1, t, num_tokens); their entries are appended. whole: through
+  // prefill (same results, full-sequence cost) instead of step.
+  torch::Tensor feed(const std::vector<int64_t>& ids, bool whole = false) {
     Tensors in{ids_tensor(ids), pad_};
     for (const auto& b : buffers_) in.push_back(b.narrow(0, 0, filled_));  // views, no copy
-    auto out = step_(in);
+    auto out = whole ? prefill_(in) : step_(in);
     const auto t = static_cast<int64_t>(ids.size());
     for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].narrow(0, filled_, t).copy_(out[i + 1]);
     filled_ += t;
@@ -143,18 +159,25 @@ class Decoder {
   }
 
  private:
-  std::function<Tensors(const Tensors&)> step_;
+  std::function<Tensors(const Tensors&)> step_, prefill_;
   torch::Tensor pad_;
   Tensors buffers_;
   int64_t filled_ = 1;
 };
 
-std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new) {
+// How the prompt went in: "prefill" (one call), "step" (chunks through step) or "forward" (full recompute).
+std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new, std::string& how) {
   Decoder decoder(m, static_cast<int64_t>(prompt.size()) + max_new);
   torch::Tensor logits;
-  for (size_t start = 0; start < prompt.size(); start += kPrefillChunk) {
-    auto end = std::min(prompt.size(), start + kPrefillChunk);
-    logits = decoder.feed({prompt.begin() + start, prompt.begin() + end});
+  const auto n = static_cast<int64_t>(prompt.size());
+  how = decoder.has_prefill() && n > kPrefillAbove ? "prefill" : "step";
+  if (how == "prefill") {
+    logits = decoder.feed(prompt, true);
+  } else {
+    for (int64_t start = 0; start < n; start += kPrefillChunk) {
+      auto end = std::min(n, start + kPrefillChunk);
+      logits = decoder.feed({prompt.begin() + start, prompt.begin() + end});
+    }
   }
   std::vector<int64_t> tokens{argmax_last(logits)};
   while (static_cast<int64_t>(tokens.size()) < max_new) tokens.push_back(argmax_last(decoder.feed({tokens.back()})));
@@ -180,11 +203,12 @@ void check_prompt(const Model& m, const std::vector<int64_t>& prompt, int64_t ma
                      " new tokens exceed the model's max_seq_len " + std::to_string(m.max_seq_len));
 }
 
-std::string to_json(const std::vector<int64_t>& tokens, const std::string& format, bool incremental) {
+std::string to_json(const std::vector<int64_t>& tokens, const std::string& format, bool incremental, const std::string& prompt) {
   std::ostringstream out;
   out << "{\"tokens\": [";
   for (size_t i = 0; i < tokens.size(); ++i) out << (i ? ", " : "") << tokens[i];
-  out << "], \"format\": \"" << format << "\", \"decoding\": \"" << (incremental ? "incremental" : "full-recompute") << "\"}";
+  out << "], \"format\": \"" << format << "\", \"decoding\": \"" << (incremental ? "incremental" : "full-recompute")
+      << "\", \"prompt\": \"" << prompt << "\"}";
   return out.str();
 }
 
@@ -210,8 +234,9 @@ int main(int argc, char** argv) {
     Model model = load_model(model_path);
     check_prompt(model, prompt, max_new);
     bool incremental = model.step && !full;
-    auto tokens = incremental ? generate_incremental(model, prompt, max_new) : generate_full(model, prompt, max_new);
-    std::cout << to_json(tokens, model.format, incremental) << std::endl;
+    std::string how = "forward";
+    auto tokens = incremental ? generate_incremental(model, prompt, max_new, how) : generate_full(model, prompt, max_new);
+    std::cout << to_json(tokens, model.format, incremental, how) << std::endl;
   } catch (const UsageError& e) {
     std::cerr << "gss_generate: error: " << e.what() << std::endl;
     return 2;

@@ -1,12 +1,17 @@
-// Greedy generation on a gss-export decoder with state (decoder.onnx), shared by runtime/node and runtime/web.
+// Greedy generation on a gss-export decoder with state (decoder.onnx, prefill.onnx), shared by runtime/node
+// and runtime/web.
 //
 // It does not import onnxruntime: the caller passes its `ort` namespace (onnxruntime-node or -web) and a
 // `load(name)` function returning a file of the model folder as bytes, so the same loop runs in both.
 // Same algorithm as runtime/gss_runtime/decoder.py (batch 1): the state is slot-major (slots, 1, width)
 // per layer; the graph returns only the new slots' entries and we append them to preallocated buffers,
 // handing the filled part back as a subarray view (nothing is copied that grows with the context).
+// A prompt of more than PREFILL_ABOVE tokens goes through prefill.onnx in one call (same interface; its
+// convolution runs the full-sequence form over every slot, the cost of one forward of the prompt);
+// exports without prefill.onnx take it in chunks through decoder.onnx.
 
-export const PREFILL_CHUNK = 256; // prompt chunk size: keeps each chunk's kernel taps cache-sized (see decoder.py)
+export const PREFILL_ABOVE = 128; // as gss_runtime.decoder.PREFILL_ABOVE
+export const PREFILL_CHUNK = 256; // without prefill.onnx: keeps each chunk's kernel taps cache-sized (see decoder.py)
 const CONFIG_KEYS = ['num_tokens', 'dim', 'depth', 'heads', 'dim_dsconv', 'max_seq_len'];
 
 /** A bad argument, model folder or prompt: callers show `message` (no stack) and stop. */
@@ -60,44 +65,44 @@ export function textToIds(text, numTokens) {
 
 export class GssDecoder {
   /**
-   * Open a model folder's `config.json` and `decoder.onnx`. load(name) -> Promise<Uint8Array> of that file; for
-   * decoder.onnx it may instead give a path or URL for ort to open itself (Node: then a decoder.onnx.data
-   * holding the weights of a big export is found beside it). sessionOptions go to ort.InferenceSession.create.
+   * Open a model folder's `config.json`, `decoder.onnx` and, where config.json lists it, `prefill.onnx`.
+   * load(name) -> Promise<Uint8Array> of that file; for the .onnx files it may instead give a path or URL
+   * for ort to open itself (Node: then a decoder.onnx.data holding the weights of a big export is found
+   * beside it). sessionOptions go to ort.InferenceSession.create.
    */
   static async open(ort, load, sessionOptions = {}) {
     const configBytes = await loadFile(load, 'config.json');
-    let config;
+    let config, exported;
     try {
-      config = JSON.parse(new TextDecoder().decode(configBytes)).model;
+      ({ model: config, export: exported } = JSON.parse(new TextDecoder().decode(configBytes)));
     } catch (e) {
       throw new GssInputError(`config.json is not valid JSON: ${e.message}`);
     }
     const missing = CONFIG_KEYS.filter((k) => !Number.isInteger(config?.[k]));
     if (missing.length) throw new GssInputError(`config.json lacks model.${missing.join(', model.')}; export with gss-export`);
-    const model = await loadFile(load, 'decoder.onnx');
-    let session;
-    try {
-      session = await ort.InferenceSession.create(model, sessionOptions);
-    } catch (e) {
-      throw new GssInputError(`cannot open decoder.onnx with onnxruntime: ${e.message}`);
-    }
-    return new GssDecoder(ort, session, config);
+    const session = await openSession(ort, load, 'decoder.onnx', sessionOptions);
+    const prefillFile = exported?.prefill?.file;
+    const prefill = prefillFile ? await openSession(ort, load, prefillFile, sessionOptions) : null;
+    return new GssDecoder(ort, session, config, prefill);
   }
 
-  constructor(ort, session, config) {
+  constructor(ort, session, config, prefill = null) {
     this.ort = ort;
     this.session = session;
+    this.prefill = prefill;
     this.config = config;
     const layers = [...Array(config.depth).keys()];
     this.pastNames = [...layers.map((i) => `past_u.${i}`), ...layers.map((i) => `past_k.${i}`)];
     this.newNames = [...layers.map((i) => `new_u.${i}`), ...layers.map((i) => `new_k.${i}`)];
     this.widths = [...layers.map(() => config.dim_dsconv), ...layers.map(() => config.heads)];
     const want = [['input_ids', 'pad', ...this.pastNames], ['logits', ...this.newNames]];
-    if (String(session.inputNames) !== String(want[0]) || String(session.outputNames) !== String(want[1])) {
-      throw new GssInputError(
-        `decoder.onnx is not a gss-export decoder with state for this config.json: found inputs ` +
-          `${session.inputNames.join(', ')} and outputs ${session.outputNames.join(', ')}`,
-      );
+    for (const [name, s] of [['decoder.onnx', session], ['prefill.onnx', prefill]]) {
+      if (s && (String(s.inputNames) !== String(want[0]) || String(s.outputNames) !== String(want[1]))) {
+        throw new GssInputError(
+          `${name} is not a gss-export decoder with state for this config.json: found inputs ` +
+            `${s.inputNames.join(', ')} and outputs ${s.outputNames.join(', ')}`,
+        );
+      }
     }
   }
 
@@ -124,8 +129,14 @@ export class GssDecoder {
     const capacity = 1 + promptIds.length + maxNewTokens;
     const state = { filled: 1, buffers: this.widths.map((w) => new Float32Array(capacity * w)) };
     let logits;
-    for (let start = 0; start < promptIds.length; start += PREFILL_CHUNK) {
-      logits = await this.#feed(promptIds.slice(start, start + PREFILL_CHUNK), state);
+    if (this.prefill && promptIds.length > PREFILL_ABOVE) {
+      this.promptPath = 'prefill';
+      logits = await this.#feed(promptIds, state, this.prefill);
+    } else {
+      this.promptPath = 'step';
+      for (let start = 0; start < promptIds.length; start += PREFILL_CHUNK) {
+        logits = await this.#feed(promptIds.slice(start, start + PREFILL_CHUNK), state);
+      }
     }
     const tokens = [];
     for (;;) {
@@ -137,8 +148,8 @@ export class GssDecoder {
     }
   }
 
-  /** Feed ids for the next slots, append their state entries; the logits after the last id. */
-  async #feed(ids, state) {
+  /** Feed ids for the next slots through `session`, append their state entries; the logits after the last id. */
+  async #feed(ids, state, session = this.session) {
     const { Tensor } = this.ort;
     const feeds = {
       input_ids: new Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
@@ -148,7 +159,7 @@ export class GssDecoder {
       const w = this.widths[i];
       feeds[name] = new Tensor('float32', state.buffers[i].subarray(0, state.filled * w), [state.filled, 1, w]);
     });
-    const out = await this.session.run(feeds);
+    const out = await session.run(feeds);
     this.newNames.forEach((name, i) => state.buffers[i].set(out[name].data, state.filled * this.widths[i]));
     state.filled += ids.length;
     const vocab = this.config.num_tokens;
@@ -161,6 +172,15 @@ export function argmax(values) {
   let best = 0;
   for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
   return best;
+}
+
+async function openSession(ort, load, name, sessionOptions) {
+  const model = await loadFile(load, name);
+  try {
+    return await ort.InferenceSession.create(model, sessionOptions);
+  } catch (e) {
+    throw new GssInputError(`cannot open ${name} with onnxruntime: ${e.message}`);
+  }
 }
 
 async function loadFile(load, name) {

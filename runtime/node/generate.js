@@ -69,12 +69,12 @@ async function main(args) {
   ort.env.logLevel = 'error'; // keep stdout/stderr for our JSON line and messages
   const sessionOptions = { executionProviders: ['cpu'], logSeverityLevel: 3 };
   if (options.threads !== undefined) sessionOptions.intraOpNumThreads = options.threads;
-  // decoder.onnx by path: onnxruntime then also finds decoder.onnx.data, where a big export keeps its weights
-  const load = async (name) => (name === 'decoder.onnx' ? join(options.modelDir, name) : readFile(join(options.modelDir, name)));
+  // the .onnx files by path: onnxruntime then also finds their .onnx.data, where a big export keeps its weights
+  const load = async (name) => (name.endsWith('.onnx') ? join(options.modelDir, name) : readFile(join(options.modelDir, name)));
   const decoder = await GssDecoder.open(ort, load, sessionOptions);
   const promptIds = parseIds(options.promptIds, decoder.config.num_tokens);
   const tokens = await decoder.generate(promptIds, options.maxNewTokens);
-  process.stdout.write(JSON.stringify({ tokens }) + '\n');
+  process.stdout.write(JSON.stringify({ tokens, prompt: decoder.promptPath }) + '\n');
   return 0;
 }
 

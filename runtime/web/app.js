@@ -65,6 +65,7 @@ async function generate() {
     if (asText) generated.textContent += utf8.decode(); // a trailing incomplete UTF-8 sequence, if any
     const seconds = (performance.now() - start) / 1000;
     $('tokens').textContent = JSON.stringify(tokens);
+    document.body.dataset.prompt = decoder.promptPath; // "prefill" (one call) or "step" (chunks)
     setState('done', `Done: ${tokens.length} tokens in ${seconds.toFixed(2)} s (${(tokens.length / seconds).toFixed(1)} tokens/s).`);
   } catch (e) {
     setState('error', e instanceof GssInputError ? e.message : `Error: ${e?.message ?? e}`);

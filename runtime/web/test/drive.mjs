@@ -1,6 +1,6 @@
 // Drive the page in headless Chromium: fill the form, press Generate, wait until it is done, screenshot.
 // usage: node test/drive.mjs PAGE_URL SCREENSHOT.png --prompt TEXT [--ids] --max-new-tokens N
-// Prints one JSON line: {state, status, tokens, text, counts, errors}; `counts` are the token counts the
+// Prints one JSON line: {state, status, tokens, text, counts, prompt, errors}; `counts` are the token counts the
 // page showed while generating (each one seen proves tokens appeared one by one).
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
@@ -49,6 +49,7 @@ try {
     tokens: document.body.dataset.state === 'done' ? JSON.parse(document.getElementById('tokens').textContent) : null,
     text: document.getElementById('output').textContent,
     counts: window.seenCounts,
+    prompt: document.body.dataset.prompt ?? null,
   }));
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ ...result, errors }));
