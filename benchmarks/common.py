@@ -1,8 +1,10 @@
 """Shared pieces of the benchmarks: timing, the reference model, the machine's own limits."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -108,3 +110,13 @@ class MachineLimits:
             "samples": len(self.samples),
             "threads": self.threads,
         }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -2,6 +2,7 @@
 
     python benchmarks/suite.py [--lengths 1,16,64,128,256,512,1024,2048,4096] [--contexts 128,512,2048]
                                [--threads 2] [--out benchmarks/results]
+    python benchmarks/suite.py --long [options of benchmarks/long_context.py]   # up to 65,536 tokens
 
 Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1,
 exported with max_seq_len = the longest length. In one process, on the same threads:
@@ -41,7 +42,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import MachineLimits, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
+from common import MachineLimits, cpu_name, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
 from decode import measure_decode
 from kernel_time import export_without_conv, kernel_breakdown
 from report import write_markdown, write_plot
@@ -130,6 +131,10 @@ def cuda_contenders(model_path: Path, upstream, threads: int) -> tuple[dict, str
 
 
 def main() -> None:
+    if "--long" in sys.argv[1:]:  # the long-context run has its own lengths and rows
+        from long_context import main as long_main
+
+        return long_main([a for a in sys.argv[1:] if a != "--long"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1,16,64,128,256,512,1024,2048,4096")
     parser.add_argument("--contexts", default="128,512,2048")
@@ -145,7 +150,7 @@ def main() -> None:
     print("measuring the machine...", flush=True)
     limits = MachineLimits(args.threads)
     print(json.dumps(limits.sample()), flush=True)
-    machine = {"cpu": _cpu_name(), "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    machine = {"cpu": cpu_name(), "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
     limit = max(lengths + [c + args.decode_tokens + 1 for c in contexts])
     ours, upstream = reference_models(limit)
@@ -239,16 +244,6 @@ def main() -> None:
     write_plot(results, args.out / "prefill.png")
     print(markdown)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'prefill.png'}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from .tolerances import Tolerance
 
 DEFAULT_BATCHES = (1, 3)
 # both sides of the FFT form's power-of-two boundaries (2n-1 crosses 128 at n=64/65, 256 at 128/129)
-# 16/17, 128/129 and 1024/1025 straddle the monarch form's block-size changes, 128/129 the FFT form's
-DEFAULT_LENGTHS = (1, 2, 7, 16, 17, 64, 65, 100, 127, 128, 129, 1000, 1024, 1025)
+# 16/17, 128/129, 1024/1025 and 8192/8193 straddle the monarch form's block-size changes, 128/129 the FFT form's
+DEFAULT_LENGTHS = (1, 2, 7, 16, 17, 64, 65, 100, 127, 128, 129, 1000, 1024, 1025, 8192, 8193)
 
 Progress = Callable[[int, int, str], None]
 

@@ -38,8 +38,9 @@ def test_console_script_exports_and_validates(wrapped_ckpt, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["max_seq_len"] == 300 and config["export"]["conv"] == "switch" and config["export"]["opset"] == 20
     assert config["validation"]["ok"] and {r["length"] for r in config["validation"]["rows"]} == {1, 2, 129, 300}
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.onnx", "model.onnx"]
-    assert config["decoder_validation"]["ok"] and len(config["decoder_validation"]["rows"]) == 4
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.onnx", "model.onnx", "prefill.onnx"]
+    assert config["decoder_validation"]["ok"] and len(config["decoder_validation"]["rows"]) == 5
+    assert config["export"]["prefill"] == {"file": "prefill.onnx", "conv": "monarch", "use_above_new_tokens": 128}
 
 
 @pytest.mark.parametrize("make_bad,words", [
@@ -90,8 +91,8 @@ def test_torchscript_export(monkeypatch, capsys, wrapped_ckpt, tmp_path):
     assert scripted(torch.zeros(2, 77, dtype=torch.long)).shape == (2, 77, SMALL["num_tokens"])
     # the scripted step (incremental decoding, runtime/cpp) is validated like the ONNX decoder
     steps = json.loads((tmp_path / "config.json").read_text())["decoder_validation"]
-    assert steps["ok"] and steps["artifact"].endswith("model.pt (step)") and len(steps["rows"]) == 4
-    assert "model.pt (step)" in stdout
+    assert steps["ok"] and steps["artifact"].endswith("model.pt (step, prefill)") and len(steps["rows"]) == 5
+    assert "model.pt (step, prefill)" in stdout
 
 
 def test_pt2_export_and_monarch_refused_for_torch_export(monkeypatch, capsys, wrapped_ckpt, tmp_path):

@@ -82,7 +82,7 @@ TORCH_EXPORT_CASES = [("pt2", "auto"), ("pt2", "direct"), ("aoti", "auto")]
 
 @pytest.mark.parametrize("fmt,conv", TORCH_EXPORT_CASES, ids=[f"{f}-{c}" for f, c in TORCH_EXPORT_CASES])
 def test_torch_export_targets_match_upstream(ours, reference, tmp_path, fmt, conv):
-    """model.pt2 through the public loaders (torch.export.load, aoti_load_package), forward and step."""
+    """model.pt2 through the public loaders (torch.export.load, aoti_load_package): forward, step and prefill."""
     from torch._inductor import aoti_load_package
     from torch._inductor.package import load_package
     from torch.export.pt2_archive._package import load_pt2
@@ -91,12 +91,13 @@ def test_torch_export_targets_match_upstream(ours, reference, tmp_path, fmt, con
     assert result.settings["conv"] == ("direct" if conv == "direct" else "fft2n")
     path = tmp_path / "model.pt2"
     if fmt == "pt2":
-        forward, step = torch.export.load(str(path)).module(), load_pt2(str(path)).exported_programs["step"].module()
+        programs = load_pt2(str(path)).exported_programs
+        forward, step, prefill = torch.export.load(str(path)).module(), programs["step"].module(), programs["prefill"].module()
     else:
-        forward, step = aoti_load_package(str(path)), load_package(str(path), "step")
+        forward, step, prefill = aoti_load_package(str(path)), load_package(str(path), "step"), load_package(str(path), "prefill")
     assert_parity(torch_runner(forward), reference, f"{fmt} {conv}")
-    steps = validate_decoder(TorchDecoder(step, ours.config), f"{fmt} step", ours, Tolerance(rtol=RTOL))
-    assert steps.ok and len(steps.rows) == 4, steps.failures
+    steps = validate_decoder(TorchDecoder(step, ours.config, prefill=prefill), f"{fmt} step", ours, Tolerance(rtol=RTOL))
+    assert steps.ok and len(steps.rows) == 5, steps.failures
 
 
 @pytest.mark.parametrize("conv", ["direct", "fft", "monarch"])
