@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gss_export.model import GatedDsConvLM, GSSConfig
 
-# the issues' reference size
+# the reference size every benchmark uses
 REFERENCE = dict(num_tokens=256, dim=512, depth=4, heads=8, dim_dsconv=512)
 
 

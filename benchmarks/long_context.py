@@ -6,8 +6,10 @@
 
 Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1, exported
 once with max_seq_len 65,536 (`gss-export --no-validate`: model.onnx, decoder.onnx, prefill.onnx).
-In one process, on the same threads, each length times its contenders in turn (the best of a few
-runs; one run each past 16k tokens, where one run is seconds):
+Each length runs in a fresh process (an onnxruntime session keeps its memory arena at its peak, so
+sessions of every length in one process would crowd each other out of memory), on the same threads,
+timing its contenders one after another, each after a warm-up run (the best of three runs; two past
+16k tokens, where one run is seconds):
 
 - prefill: upstream eager, the default export (model.onnx), and the bound on any convolution form
   (the same export with its convolution removed);
@@ -121,6 +123,45 @@ def export_peak(checkpoint: Path, n: int, out: Path, threads: int) -> dict:
             **({"error": proc.stderr.strip().splitlines()[-1]} if int(code) else {})}
 
 
+def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
+    """One measurement at one length, in a process of its own (a session's memory arena keeps its peak,
+    so sessions of different lengths in one process would crowd each other out of memory)."""
+    torch.set_num_threads(threads)
+    options = session_options(threads)
+    model = ort.InferenceSession(str(folder / "default" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    forward = lambda ids: model.run(None, {"input_ids": ids})  # noqa: E731
+    rng = np.random.default_rng(n)
+    repeats = 1 if n > 16384 else 3
+    if kind == "prefill":
+        _, upstream = reference_models(MAX_LEN)
+        bound = ort.InferenceSession(str(folder / "no_conv.onnx"), options, providers=["CPUExecutionProvider"])
+        ids = rng.integers(0, 256, size=(1, n), dtype=np.int64)
+        contenders = {"upstream eager": lambda: upstream(torch.from_numpy(ids)), "default export": lambda: forward(ids),
+                      "without conv (bound)": lambda: bound.run(None, {"input_ids": ids})}
+        # one contender after another, each after its own warm-up run: interleaving single runs would
+        # time each against the thread pool of the one before, still spinning (each session and torch
+        # have their own) on the same two cores
+        with torch.inference_mode():
+            return {name: best_of(fn, max(2, repeats)) * 1e3 for name, fn in contenders.items()}
+    gen = Generator(folder / "default", provider="cpu", threads=threads)
+    if kind == "ttft":
+        prompt = rng.integers(0, 256, size=n).tolist()
+        ids = np.array([prompt], np.int64)
+        return {"first_token_ms": best_of(lambda: first_token_seconds(gen, prompt), repeats) * 1e3,
+                "forward_ms": best_of(lambda: forward(ids), repeats) * 1e3}
+    result = gen.generate(rng.integers(0, 256, size=n - 16).tolist(), 16)  # decode: 16 tokens ending at n
+    return {"ms_per_token": result.decode_seconds / result.steps * 1e3, "state_mib": result.state_bytes / 2**20,
+            "prefill_ms": result.prefill_seconds * 1e3}
+
+
+def run_worker(kind: str, n: int, folder: Path, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, str(n), "--folder", str(folder), "--threads", str(threads)],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"{kind} at {n} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768,65536")
@@ -129,62 +170,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", default="4096,16384,65536")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/long"))
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.folder, args.threads)))
+        return
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     lengths, ttft, contexts, memory = ints(args.lengths), ints(args.ttft), ints(args.contexts), ints(args.memory)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     limits = MachineLimits(args.threads)
     limits.sample()
-    ours, upstream = reference_models(MAX_LEN)
+    ours, _ = reference_models(MAX_LEN)
     results = {"machine": {"cpu": cpu_name(), "torch": torch.__version__, "onnxruntime": ort.__version__},
                "config": ours.config.to_dict(), "prefill": [], "ttft": [], "decode": [], "memory": []}
-    options = session_options(args.threads)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_model(ours, "onnx", tmp / "default", validate=False)
         export_without_conv(ours, str(tmp / "no_conv.onnx"))
-        model = ort.InferenceSession(str(tmp / "default" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        bound = ort.InferenceSession(str(tmp / "no_conv.onnx"), options, providers=["CPUExecutionProvider"])
-        gen = Generator(tmp / "default", provider="cpu", threads=args.threads)
-        forward = lambda ids: model.run(None, {"input_ids": ids})  # noqa: E731
+        checkpoint = tmp / "model.pt"
+        torch.save(ours.state_dict(), checkpoint)
+        del ours
 
         for n in lengths:
-            ids = rng.integers(0, 256, size=(1, n), dtype=np.int64)
-            repeats = 1 if n > 16384 else 3
-            with torch.inference_mode():
-                row = {"length": n, "ms": {
-                    "upstream eager": best_of(lambda: upstream(torch.from_numpy(ids)), repeats) * 1e3,
-                    "default export": best_of(lambda: forward(ids), repeats) * 1e3,
-                    "without conv (bound)": best_of(lambda: bound.run(None, {"input_ids": ids}), repeats) * 1e3,
-                }}
-            ms = row["ms"]
-            row["vs_eager"] = ms["upstream eager"] / ms["default export"]
-            row["vs_bound"] = ms["default export"] / ms["without conv (bound)"]
+            ms = run_worker("prefill", n, tmp, args.threads)
+            row = {"length": n, "ms": ms, "vs_eager": ms["upstream eager"] / ms["default export"],
+                   "vs_bound": ms["default export"] / ms["without conv (bound)"]}
             results["prefill"].append(row)
             print(f"prefill n={n}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()) +
                   f"; {row['vs_eager']:.2f}x eager, {row['vs_bound']:.3f}x the bound", flush=True)
+            limits.sample()
 
         for n in ttft:
-            prompt = rng.integers(0, 256, size=n).tolist()
-            ids = np.array([prompt], np.int64)
-            repeats = 1 if n > 16384 else 3
-            first = best_of(lambda: first_token_seconds(gen, prompt), repeats)
-            whole = best_of(lambda: forward(ids), repeats)
-            results["ttft"].append({"length": n, "first_token_ms": first * 1e3, "forward_ms": whole * 1e3, "ratio": first / whole})
-            print(f"time to first token n={n}: gss-run {first * 1e3:.0f} ms, model.onnx forward {whole * 1e3:.0f} ms, {first / whole:.2f}x", flush=True)
+            row = {"length": n, **run_worker("ttft", n, tmp, args.threads)}
+            row["ratio"] = row["first_token_ms"] / row["forward_ms"]
+            results["ttft"].append(row)
+            print(f"time to first token n={n}: gss-run {row['first_token_ms']:.0f} ms, model.onnx forward {row['forward_ms']:.0f} ms, "
+                  f"{row['ratio']:.2f}x", flush=True)
 
         for context in contexts:
-            prompt = rng.integers(0, 256, size=context - 16).tolist()
-            result = gen.generate(prompt, 16)
-            results["decode"].append({"context": context, "ms_per_token": result.decode_seconds / result.steps * 1e3,
-                                      "state_mib": result.state_bytes / 2**20, "prefill_ms": result.prefill_seconds * 1e3})
-            print(f"decode at {context}: {results['decode'][-1]['ms_per_token']:.1f} ms/token, state {result.state_bytes / 2**20:.0f} MiB", flush=True)
+            row = {"context": context, **run_worker("decode", context, tmp, args.threads)}
+            results["decode"].append(row)
+            print(f"decode at {context}: {row['ms_per_token']:.1f} ms/token, state {row['state_mib']:.0f} MiB", flush=True)
 
-        checkpoint = tmp / "model.pt"
-        torch.save(ours.state_dict(), checkpoint)
-        upstream_cfg = json.dumps({**results["config"]})
+        upstream_cfg = json.dumps(results["config"])
         for n in memory:
             row = {"length": n,
                    "model.onnx": peak("model.onnx", str(tmp / "default" / "model.onnx"), n, args.threads),

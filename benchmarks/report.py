@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 EAGER = "upstream eager"
-# issue 4's targets for the default ONNX export on the CPU provider (batch 1, 2 threads, dim 512 depth 4)
+# the speed targets for the default ONNX export on the CPU provider (batch 1, 2 threads, dim 512 depth 4)
 SHORT, SHORT_SPEEDUP, LONG, LONG_SHARE = 128, 1.5, 1024, 0.85
 
 
@@ -84,7 +84,7 @@ def _ceiling_table(results: dict) -> list[str]:
 
 
 def _targets(results: dict) -> list[str]:
-    """The issue's three targets for the default export, each with what this run measured."""
+    """The three speed targets for the default export, each with what this run measured."""
     base = _variant_names(results)[0]
     if not base:
         return []

@@ -13,9 +13,9 @@ from gss_export.model import GatedDsConvLM, GSSConfig
 # small enough for CI, big enough to have several heads and layers
 SMALL = dict(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=32, dim_expansion_factor=2)
 MAX_LEN = 2048
-# the issue's lengths: 1, 2, non-powers of two, both sides of 128, and the maximum; 2/3, 16/17, 128/129
-# and 1024/1025 straddle the monarch form's block-size changes (its b: 1, 2, 4, 8, 16); 45 and 900 are
-# the torch.export targets' lengths in the issue
+# the lengths to check: 1, 2, non-powers of two, both sides of 128, and the maximum; 2/3, 16/17, 128/129
+# and 1024/1025 straddle the monarch form's block-size changes up to MAX_LEN (its b: 1, 2, 4, 8, 16; 32
+# from 8193, in test_long_context.py); 45 and 900 are lengths the torch.export targets were first checked at
 LENGTHS = (1, 2, 3, 7, 16, 17, 45, 100, 127, 128, 129, 900, 1000, 1024, 1025, MAX_LEN)
 BATCHES = (1, 3)
 RTOL = 1e-4

@@ -61,7 +61,12 @@ def test_model_onnx_matches_upstream_at_long_lengths(long_models, n):
     assert rel <= RTOL
 
 
-@pytest.mark.parametrize("lengths", [(40000, 1025, 7), (LONG_MAX - 1, 8192)], ids=["ragged-40000", "max"])
+# the prefill graph convolves over prompt + 1 slots (one padding slot first): 8191/8192 straddle its
+# block change at 8193 slots
+PROMPT_CASES = [(8191, 300), (8192, 129), (40000, 1025, 7), (LONG_MAX - 1, 8192)]
+
+
+@pytest.mark.parametrize("lengths", PROMPT_CASES, ids=["-".join(map(str, c)) for c in PROMPT_CASES])
 def test_prompt_path_matches_upstream_at_long_lengths(long_models, lengths):
     """A ragged batch of long prompts through Decoder.prefill (one prefill.onnx call), then one step:
     every row's last logits before and after the step equal upstream's forward of that row."""

@@ -18,7 +18,7 @@ from gss_export.corpus import load_corpus
 from gss_export.errors import GSSExportError
 from gss_export.quality import heldout
 
-# the bars: top-1 agreement with float32 eager on held-out text, size against float32
+# the quality bars: top-1 agreement with float32 eager on held-out text, size against float32
 BARS = {"fp16": (0.99, 0.6), "int8": (0.95, 0.4)}
 FILES = ("model.onnx", "decoder.onnx")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from .errors import RuntimeInputError
 from .runner import check_ids
@@ -72,9 +73,6 @@ class DecoderState:
     @property
     def nbytes(self) -> int:
         return sum(a[: self.length].nbytes for a in self.slots.arrays)
-
-    def past(self, names: list[str]) -> dict[str, np.ndarray]:
-        return {name: a[: self.length] for name, a in zip(names, self.slots.arrays)}
 
     def rows(self, keep: np.ndarray) -> "DecoderState":
         """The state of rows `keep` (indices) only, in new buffers."""
@@ -138,16 +136,24 @@ class Decoder:
             whole = self.prefill_session is not None and t > PREFILL_ABOVE
         elif whole and self.prefill_session is None:
             raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
-        session = self.prefill_session if whole else self.session
-        outputs = session.run(None, {"input_ids": ids, "pad": state.pad, **state.past(self.past_names)})
         slots = state.slots
         if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
             slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
         slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)))
-        for buffer, new in zip(slots.arrays, outputs[1:]):
-            buffer[state.length : state.length + t] = new
+        # the past goes in as views of the buffers and the graph writes the new entries straight into
+        # their slots: nothing that grows with the context is copied
+        session = self.prefill_session if whole else self.session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("pad", state.pad)
+        for name, past in zip(self.past_names, slots.arrays):
+            binding.bind_cpu_input(name, past[: state.length])
+        binding.bind_output("logits")
+        for name, buffer in zip(self.new_names, slots.arrays):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer[state.length : state.length + t]))
+        session.run_with_iobinding(binding)
         slots.filled = state.length + t
-        return outputs[0], DecoderState(state.pad, state.length + t, slots)
+        return binding.get_outputs()[0].numpy(), DecoderState(state.pad, state.length + t, slots)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecoderState]:
         """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state.
