@@ -257,29 +257,32 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
+def section(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown section holding one table."""
+    return ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"# Long context: {m['cpu']}, {m['threads']} threads, matmul {m['matmul_gflops']:.0f} GFLOP/s, "
-             f"torch {m['torch']}, onnxruntime {m['onnxruntime']}", "",
-             "dim 512, depth 4, heads 8, dim_dsconv 512, batch 1; ms, best of runs", "",
-             "## Prefill", "", "| n | upstream eager | default export | without conv (bound) | vs eager | vs bound |", "|---|---|---|---|---|---|"]
-    for r in results["prefill"]:
-        ms = r["ms"]
-        lines.append(f"| {r['length']} | {ms['upstream eager']:.0f} | {ms['default export']:.0f} | {ms['without conv (bound)']:.0f} | "
-                     f"{r['vs_eager']:.2f}x | {r['vs_bound']:.3f}x |")
-    lines += ["", "## Time to first token", "", "| prompt | gss-run first token | model.onnx forward | ratio |", "|---|---|---|---|"]
-    lines += [f"| {r['length']} | {r['first_token_ms']:.0f} | {r['forward_ms']:.0f} | {r['ratio']:.2f}x |" for r in results["ttft"]]
-    lines += ["", "## Decode", "", "| context | ms per token | state |", "|---|---|---|"]
-    lines += [f"| {r['context']} | {r['ms_per_token']:.1f} | {r['state_mib']:.0f} MiB |" for r in results["decode"]]
-    lines += ["", "## Peak memory (MiB, a fresh process each)", "", "| n | model.onnx forward | gss-run (prompt + 4 tokens) | upstream eager | gss-export with validation |",
-              "|---|---|---|---|---|"]
     cell = lambda v: f"{v['peak_mib']:.0f}" if "peak_mib" in v else v.get("error", "?")  # noqa: E731
-    for r in results["memory"]:
-        export = r["gss-export"]
-        lines.append(f"| {r['length']} | {cell(r['model.onnx'])} | {cell(r['gss-run'])} | {cell(r['upstream eager'])} | "
-                     f"{cell(export)} ({export['seconds']:.0f} s{', validated' if export.get('validated') else ', FAILED'}) |")
-    lines += ["", "## Targets", "", "| goal | worst in this run | met |", "|---|---|---|"]
-    lines += [f"| {t['goal']} | {t['worst']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]
+    lines = [f"# Long context: {m['cpu']}, {m['threads']} threads, matmul {m['matmul_gflops']:.0f} GFLOP/s, "
+             f"memory {m['bandwidth_gbs']:.0f} GB/s, torch {m['torch']}, onnxruntime {m['onnxruntime']}", "",
+             "dim 512, depth 4, heads 8, dim_dsconv 512, batch 1; ms, best of runs"]
+    lines += section("Prefill", ["n", "upstream eager", "default export", "without conv (bound)", "vs eager", "vs bound"], [
+        [r["length"], *(f"{r['ms'][k]:.0f}" for k in ("upstream eager", "default export", "without conv (bound)")),
+         f"{r['vs_eager']:.2f}x", f"{r['vs_bound']:.3f}x"] for r in results["prefill"]])
+    lines += section("Time to first token", ["prompt", "gss-run first token", "model.onnx forward", "ratio"], [
+        [r["length"], f"{r['first_token_ms']:.0f}", f"{r['forward_ms']:.0f}", f"{r['ratio']:.2f}x"] for r in results["ttft"]])
+    lines += section("Decode", ["context", "ms per token", "state"], [
+        [r["context"], f"{r['ms_per_token']:.1f}", f"{r['state_mib']:.0f} MiB"] for r in results["decode"]])
+    lines += section("Peak memory (MiB, a fresh process each)",
+                     ["n", "model.onnx forward", "gss-run (prompt + 4 tokens)", "upstream eager", "gss-export with validation"], [
+        [r["length"], cell(r["model.onnx"]), cell(r["gss-run"]), cell(r["upstream eager"]),
+         f"{cell(r['gss-export'])} ({r['gss-export']['seconds']:.0f} s, {'validated' if r['gss-export'].get('validated') else 'FAILED'})"]
+        for r in results["memory"]])
+    lines += section("Targets", ["goal", "worst in this run", "met"], [
+        [t["goal"], t["worst"], "yes" if t["met"] else "no"] for t in results["targets"]])
     return "\n".join(lines) + "\n"
 
 
