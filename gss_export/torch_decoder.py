@@ -13,11 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .decoder_export import PREFILL_ABOVE  # more new tokens than this go through `prefill`
 from .model import GSSConfig
-
-
-# more new tokens than this go through `prefill` (as gss_runtime.decoder.PREFILL_ABOVE)
-PREFILL_ABOVE = 128
 
 
 class TorchDecoder:
