@@ -143,4 +143,6 @@ def test_export_memory_grows_linearly_with_max_seq_len(tmp_path):
         assert json.loads((tmp_path / f"out{n}" / "config.json").read_text())["decoder_validation"]["ok"]
     growth = (peaks[16384] - peaks[1024]) / max(peaks[4096] - peaks[1024], 1.0)
     print(f"\npeak MiB {peaks}, growth ratio {growth:.1f}")
-    assert growth < 8, peaks
+    # measured here: 502, 571 and 941 MiB, a ratio of 6.4; the increments are small beside the baseline, so
+    # the ratio's bound leaves room for noise, and the absolute bound catches what quadratic growth did
+    assert growth < 10 and peaks[16384] < 2048, peaks
