@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gss_runtime.cli_support import run_cli
+from gss_runtime.cli_support import guarded
 
 from . import DEFAULT_OPSET
 from .errors import GSSExportError, ValidationFailed
@@ -199,8 +199,24 @@ def _print_quality(report) -> None:
     out.print(table)
 
 
+def _typer_usage(e: Exception) -> int | None:
+    """The exit code of typer's own exits and usage errors (shown here), or None for anything else."""
+    if isinstance(e, typer.Exit):
+        return e.exit_code
+    if isinstance(e, typer.Abort):
+        console.print("[red]aborted[/]")
+        return 130
+    # typer >= 0.29 raises its own usage errors (no longer click's): match them by shape
+    if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+        e.show()
+        return e.exit_code
+    return None
+
+
 def main() -> None:
-    run_cli(export, "gss-export", (GSSExportError,), "GSS_EXPORT_DEBUG")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(name="gss-export")(export)
+    guarded(lambda: app(standalone_mode=False, prog_name="gss-export"), (GSSExportError,), "GSS_EXPORT_DEBUG", _typer_usage)
 
 
 if __name__ == "__main__":

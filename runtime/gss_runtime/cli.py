@@ -1,20 +1,23 @@
-"""`gss-run`: generate from an exported model (or show its next-token odds), without torch."""
+"""`gss-run`: generate from an exported model (or show its next-token odds), without torch.
+
+Its arguments are parsed by the standard library's argparse, so the runtime needs no command-line
+package (the `gss-runtime` distribution installs numpy, onnxruntime and rich only).
+"""
 from __future__ import annotations
 
+import argparse
 import codecs
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .cli_support import run_cli
+from .cli_support import guarded
 from .errors import RuntimeInputError
 from .generate import Generator, Sampling
 from .runner import GSSRunner, check_ids
@@ -25,10 +28,7 @@ console = Console(stderr=True)
 BYTE_VOCAB = 256
 
 
-class Provider(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+PROVIDERS = ("auto", "cpu", "cuda")
 
 
 def byte_text(token: int) -> str:
@@ -52,9 +52,9 @@ def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str]) -> list[int]:
     return ids
 
 
-def load(model: Path, provider: Provider, threads: Optional[int], text_prompt: bool) -> GSSRunner:
+def load(model: Path, provider: str, threads: Optional[int], text_prompt: bool) -> GSSRunner:
     """The full-sequence runner, refusing a text prompt for a model whose tokens are not bytes."""
-    runner = GSSRunner(model, provider=provider.value, threads=threads)
+    runner = GSSRunner(model, provider=provider, threads=threads)
     _check_text_prompt(runner.config["num_tokens"], text_prompt)
     return runner
 
@@ -72,29 +72,75 @@ def _stop_sequences(stops: list[str], byte_level: bool) -> list[list[int]]:
     return out
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gss-run", description="Generate from a prompt with the decoder with state (one position per token), "
+        "or show next-token odds.")
+    p.add_argument("model", type=Path, help="folder written by gss-export (model.onnx, decoder.onnx, prefill.onnx, config.json)")
+    p.add_argument("--prompt", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)")
+    p.add_argument("--prompt-ids", help="token ids, comma-separated, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=_count(0), default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=_count(1), help="sample among the k most likely tokens")
+    p.add_argument("--filter-thres", type=float, help="upstream's top-k: k = int((1 - thres) * vocab)")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--eos-id", type=int, help="stop when this token is generated (not printed)")
+    p.add_argument("--stop", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
+    p.add_argument("--on-limit", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
+    p.add_argument("--next", dest="next_tokens", type=_count(1), help="instead of generating, show the N most likely next tokens")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
+    p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads")
+    p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
 def run(
-    model: Path = typer.Argument(..., help="folder written by gss-export (model.onnx, decoder.onnx, config.json)"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)"),
-    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="token ids, comma-separated, e.g. 1,2,3"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=0, help="tokens to generate at most"),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),
-    filter_thres: Optional[float] = typer.Option(None, "--filter-thres", help="upstream's top-k: k = int((1 - thres) * vocab)"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="sample among the most likely tokens holding this much probability"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="makes sampling reproducible"),
-    eos_id: Optional[int] = typer.Option(None, "--eos-id", help="stop when this token is generated (not printed)"),
-    stop: list[str] = typer.Option([], "--stop", help="stop sequence, not printed (repeatable): text, or ids:1,2"),
-    on_limit: str = typer.Option("stop", "--on-limit", help="at max_seq_len: stop, or slide (a window, like upstream)"),
-    next_tokens: Optional[int] = typer.Option(None, "--next", min=1, help="instead of generating, show the N most likely next tokens"),
-    provider: Provider = typer.Option(Provider.auto, "--provider", help="auto: CUDA when it really works, else CPU"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads"),
-    json_output: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    model: Path,
+    prompt: Optional[str] = None,
+    prompt_ids: Optional[str] = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    filter_thres: Optional[float] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    stop: tuple[str, ...] = (),
+    on_limit: str = "stop",
+    next_tokens: Optional[int] = None,
+    provider: str = "auto",
+    threads: Optional[int] = None,
+    json_output: bool = False,
 ) -> None:
     """Generate from a prompt with the decoder with state (one position per token), or show next-token odds."""
     ids = parse_prompt(prompt, prompt_ids)  # before loading the model: fails fast on a typo
     if next_tokens is not None:
         return _show_next(model, ids, next_tokens, provider, threads, prompt is not None, json_output)
-    generator = Generator(model, provider=provider.value, threads=threads)
+    generator = Generator(model, provider=provider, threads=threads)
     _check_text_prompt(generator.config["num_tokens"], prompt is not None)
     byte_level = generator.config["num_tokens"] == BYTE_VOCAB
     check_ids(ids, generator.config, one_sequence=True)  # before anything is printed
@@ -144,7 +190,7 @@ def _check_text_prompt(num_tokens: int, text_prompt: bool) -> None:
         )
 
 
-def _show_next(model: Path, ids: list[int], top: int, provider: Provider, threads: Optional[int], text_prompt: bool, json_output: bool) -> None:
+def _show_next(model: Path, ids: list[int], top: int, provider: str, threads: Optional[int], text_prompt: bool, json_output: bool) -> None:
     """The `top` most likely next tokens after the prompt, from the full-sequence model."""
     runner = load(model, provider, threads, text_prompt)
     start = time.perf_counter()
@@ -175,7 +221,8 @@ def _print_table(nxt: list[tuple[int, float]], byte_level: bool, title: str) -> 
 
 
 def main() -> None:
-    run_cli(run, "gss-run", (RuntimeInputError,), "GSS_RUN_DEBUG")
+    args = parser().parse_args()  # a bad command line prints the usage and its error, and exits 2
+    guarded(lambda: run(**vars(args)), (RuntimeInputError,), "GSS_RUN_DEBUG")
 
 
 if __name__ == "__main__":
