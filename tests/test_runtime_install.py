@@ -1,4 +1,4 @@
-"""The runtime as its own distribution: a fresh venv with only `gss-runtime` (numpy, onnxruntime, rich)
+"""The runtime as its own distribution: a fresh venv with only `gss-runtime` (numpy and onnxruntime)
 generates from an exported folder exactly what upstream eager does, with no torch or export toolchain."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`gss-run`: generate from an exported model (or show its next-token odds), without torch.
 
-Its arguments are parsed by the standard library's argparse, so the runtime needs no command-line
-package (the `gss-runtime` distribution installs numpy, onnxruntime and rich only).
+Its arguments are parsed by the standard library's argparse and its output is plain text, so the
+`gss-runtime` distribution installs numpy and onnxruntime only.
 """
 from __future__ import annotations
 
@@ -13,17 +13,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from .cli_support import guarded
 from .errors import RuntimeInputError
 from .generate import Generator, Sampling
 from .runner import GSSRunner, check_ids
-
-out = Console()
-console = Console(stderr=True)
 
 BYTE_VOCAB = 256
 
@@ -100,20 +93,20 @@ def parser() -> argparse.ArgumentParser:
         prog="gss-run", description="Generate from a prompt with the decoder with state (one position per token), "
         "or show next-token odds.")
     p.add_argument("model", type=Path, help="folder written by gss-export (model.onnx, decoder.onnx, prefill.onnx, config.json)")
-    p.add_argument("--prompt", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)")
-    p.add_argument("--prompt-ids", help="token ids, comma-separated, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=_count(0), default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=_count(1), help="sample among the k most likely tokens")
-    p.add_argument("--filter-thres", type=float, help="upstream's top-k: k = int((1 - thres) * vocab)")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--eos-id", type=int, help="stop when this token is generated (not printed)")
-    p.add_argument("--stop", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
-    p.add_argument("--on-limit", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
-    p.add_argument("--next", dest="next_tokens", type=_count(1), help="instead of generating, show the N most likely next tokens")
+    p.add_argument("--prompt", metavar="TEXT", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)")
+    p.add_argument("--prompt-ids", metavar="IDS", help="token ids, comma-separated, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", metavar="N", type=_count(0), default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", metavar="T", type=_non_negative, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", metavar="K", type=_count(1), help="sample among the k most likely tokens")
+    p.add_argument("--filter-thres", metavar="THRES", type=float, help="upstream's top-k: k = int((1 - thres) * vocab)")
+    p.add_argument("--top-p", metavar="P", type=float, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--seed", metavar="S", type=int, help="makes sampling reproducible")
+    p.add_argument("--eos-id", metavar="ID", type=int, help="stop when this token is generated (not printed)")
+    p.add_argument("--stop", metavar="TEXT", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
+    p.add_argument("--on-limit", metavar="stop|slide", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
+    p.add_argument("--next", dest="next_tokens", metavar="N", type=_count(1), help="instead of generating, show the N most likely next tokens")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
-    p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads")
+    p.add_argument("--threads", metavar="N", type=_count(1), help="onnxruntime intra-op threads")
     p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
@@ -176,9 +169,9 @@ def run(
 
     result = generator.generate(ids, max_new_tokens, on_token=show, **options)
     sys.stdout.write((decoder.decode(b"", final=True) if byte_level else "") + "\n")
-    console.print(
-        f"[dim]{len(result.tokens[0])} tokens, stopped by {result.stop_reasons[0]}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
-        f"{result.tokens_per_second:.1f} tokens/s, {generator.decoder.providers[0]}[/]", highlight=False,
+    sys.stderr.write(
+        f"{len(result.tokens[0])} tokens, stopped by {result.stop_reasons[0]}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
+        f"{result.tokens_per_second:.1f} tokens/s, {generator.decoder.providers[0]}\n"
     )
 
 
@@ -206,18 +199,20 @@ def _show_next(model: Path, ids: list[int], top: int, provider: str, threads: Op
         }))
         return
     _print_table(nxt, byte_level, f"next token after {len(ids)} prompt tokens")
-    out.print(f"[dim]{runner.providers[0]}, {seconds * 1000:.1f} ms[/]")
+    print(f"{runner.providers[0]}, {seconds * 1000:.1f} ms")
 
 
 def _print_table(nxt: list[tuple[int, float]], byte_level: bool, title: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for name in ("rank", "token id", "probability") + (("byte",) if byte_level else ()):
-        table.add_column(name, justify="left" if name == "byte" else "right")
-    for rank, (token, prob) in enumerate(nxt, 1):
-        cells = [str(rank), str(token), f"{prob:.4f}"]
-        # Text, not a str: a byte like "[" must not be read as rich markup
-        table.add_row(*cells, *((Text(f"'{byte_text(token)}'"),) if byte_level else ()))
-    out.print(table)
+    """The next-token table as plain text: a title, the column names, one row per token with cells between │."""
+    header = ["rank", "token id", "probability"] + (["byte"] if byte_level else [])
+    rows = [[str(rank), str(token), f"{prob:.4f}"] + ([f"'{byte_text(token)}'"] if byte_level else [])
+            for rank, (token, prob) in enumerate(nxt, 1)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    def line(cells: list[str], sep: str = "│") -> str:  # bytes left-aligned, numbers right-aligned
+        padded = [c.ljust(w) if name == "byte" else c.rjust(w) for c, w, name in zip(cells, widths, header)]
+        return f"{sep} " + f" {sep} ".join(padded) + f" {sep}"
+
+    print("\n".join([title, line(header, " "), *map(line, rows)]))
 
 
 def main() -> None:

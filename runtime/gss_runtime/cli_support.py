@@ -1,21 +1,17 @@
 """Running a command-line program so that users see one clear message, never a traceback.
 
 Shared by `gss-run` (argparse) and `gss-export` (typer, which passes its own usage errors in), so the
-rule is written once; it needs no command-line library itself, which keeps the runtime free of typer.
+rule is written once; it needs no command-line or terminal library, which keeps the runtime small.
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
-
-from rich.console import Console
-from rich.text import Text
-
-console = Console(stderr=True)
 
 
 def print_error(message: str) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    sys.stderr.write(f"error: {message}\n")
 
 
 def guarded(call: Callable[[], None], user_errors: tuple[type[Exception], ...], debug_env: str,
@@ -33,7 +29,7 @@ def guarded(call: Callable[[], None], user_errors: tuple[type[Exception], ...], 
         print_error(str(e))
         raise SystemExit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
-        console.print("[red]aborted[/]")
+        sys.stderr.write("aborted\n")
         raise SystemExit(130)
     except Exception as e:
         code = usage_error(e)
