@@ -1,8 +1,11 @@
 """Shared pieces of the benchmarks: timing, the reference model, the machine's own limits."""
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +123,64 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+PEAK_SCRIPT = """
+import json, sys
+import numpy as np
+
+def hwm_kib():
+    # VmHWM belongs to the process's own address space; ru_maxrss would carry the parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+kind, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ids = np.random.default_rng(0).integers(0, 256, size=(1, n), dtype=np.int64)
+if kind == "gss-run":  # generate 4 tokens after a prompt of n with the torch-free runtime
+    from gss_runtime.generate import Generator
+    base = hwm_kib()
+    gen = Generator(path, provider="cpu", threads=threads)
+    run = lambda: gen.generate(ids[0].tolist(), 4)
+elif kind == "onnx":
+    import onnxruntime as ort
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = threads; opts.inter_op_num_threads = 1
+    base = hwm_kib()
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    run = lambda: s.run(None, {"input_ids": ids})
+else:
+    import torch
+    torch.set_num_threads(threads)
+    if kind == "upstream":
+        from gated_state_spaces_pytorch import GatedDsConvLM
+        cfg = json.loads(path)
+        base = hwm_kib()
+        m = GatedDsConvLM(**cfg).eval()
+    elif kind == "pt2":
+        base = hwm_kib()
+        m = torch.export.load(path).module()
+    elif kind == "aoti":
+        from torch._inductor import aoti_load_package
+        base = hwm_kib()
+        m = aoti_load_package(path)
+    else:
+        base = hwm_kib()
+        m = torch.jit.load(path)
+    def run():
+        with torch.inference_mode():
+            m(torch.from_numpy(ids))
+run()
+print(json.dumps({"baseline_mib": base / 1024, "peak_mib": hwm_kib() / 1024}))
+"""
+
+
+def peak_memory(kind: str, path: str, n: int, threads: int) -> dict:
+    """Peak resident memory of one run of `kind` (onnx, gss-run, upstream, pt2, aoti, torchscript) at length n,
+    in a fresh process so that no other artifact's peak can hide in it."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, path, str(n), str(threads)], capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    got = json.loads(proc.stdout)
+    return {**got, "model_and_activations_mib": got["peak_mib"] - got["baseline_mib"]}

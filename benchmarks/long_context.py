@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import MachineLimits, cpu_name, reference_models, session_options
+from common import MachineLimits, cpu_name, peak_memory, reference_models, session_options
 from kernel_time import export_without_conv
 
 from gss_export.export import export_model
@@ -48,36 +48,6 @@ MAX_LEN = 65536
 # targets measured in the same run: gss-run's first token within 1.2x of the forward; the default export
 # faster than eager everywhere and within 1.15x of the no-convolution bound from 1024 tokens; export memory
 TTFT_RATIO, BOUND_RATIO, BOUND_FROM, EXPORT_MEMORY_MIB = 1.2, 1.15, 1024, 8 * 1024
-
-PEAK_SCRIPT = """
-import json, sys
-import numpy as np
-
-def hwm_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-kind, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-ids = np.random.default_rng(0).integers(0, 256, size=(1, n), dtype=np.int64)
-if kind == "model.onnx":
-    import onnxruntime as ort
-    opts = ort.SessionOptions(); opts.intra_op_num_threads = threads; opts.inter_op_num_threads = 1
-    base = hwm_mib()
-    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
-elif kind == "gss-run":
-    from gss_runtime.generate import Generator
-    base = hwm_mib()
-    Generator(path, provider="cpu", threads=threads).generate(ids[0].tolist(), 4)
-else:
-    import torch
-    torch.set_num_threads(threads)
-    from gated_state_spaces_pytorch import GatedDsConvLM
-    base = hwm_mib()
-    with torch.inference_mode():
-        GatedDsConvLM(**json.loads(path)).eval()(torch.from_numpy(ids))
-print(json.dumps({"baseline_mib": base, "peak_mib": hwm_mib()}))
-"""
 
 EXPORT_PEAK = """
 import resource, subprocess, sys
@@ -103,13 +73,6 @@ def first_token_seconds(gen: Generator, prompt: list[int]) -> float:
     start = time.perf_counter()
     next(iter(gen.stream(prompt, 1)))
     return time.perf_counter() - start
-
-
-def peak(kind: str, path: str, n: int, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, path, str(n), str(threads)], capture_output=True, text=True, timeout=1800)
-    if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout)
 
 
 def export_peak(checkpoint: Path, n: int, out: Path, threads: int) -> dict:
@@ -217,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         upstream_cfg = json.dumps(results["config"])
         for n in memory:
             row = {"length": n,
-                   "model.onnx": peak("model.onnx", str(tmp / "default" / "model.onnx"), n, args.threads),
-                   "gss-run": peak("gss-run", str(tmp / "default"), n - 4, args.threads),
-                   "upstream eager": peak("eager", upstream_cfg, n, args.threads),
+                   "model.onnx": peak_memory("onnx", str(tmp / "default" / "model.onnx"), n, args.threads),
+                   "gss-run": peak_memory("gss-run", str(tmp / "default"), n - 4, args.threads),
+                   "upstream eager": peak_memory("upstream", upstream_cfg, n, args.threads),
                    "gss-export": export_peak(checkpoint, n, tmp / f"export_{n}", args.threads)}
             results["memory"].append(row)
             print(f"peak memory n={n}: " + ", ".join(f"{k} {v.get('peak_mib', float('nan')):.0f} MiB" for k, v in row.items() if k != "length"), flush=True)

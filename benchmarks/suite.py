@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import MachineLimits, cpu_name, matmul_flops_per_token, reference_models, session_options, timed, weight_bytes
+from common import MachineLimits, cpu_name, matmul_flops_per_token, peak_memory, reference_models, session_options, timed, weight_bytes
 from decode import measure_decode
 from kernel_time import export_without_conv, kernel_breakdown
 from report import write_markdown, write_plot
@@ -57,60 +56,6 @@ from gss_export.variant_export import VariantRequest
 
 # `auto` and its reduced-precision exports (gss-export --dtype fp16 / --quantize int8 [--int8-activations per-tensor])
 VARIANTS = {"": {}, "fp16": {}, "int8": {}, "int8 per-tensor": {"int8_activations": "per-tensor"}}  # "": float32
-
-PEAK_SCRIPT = """
-import json, sys
-import numpy as np
-
-def hwm_kib():
-    # VmHWM belongs to the process's own address space; ru_maxrss would carry the parent's peak across exec
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-kind, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-ids = np.random.default_rng(0).integers(0, 256, size=(1, n), dtype=np.int64)
-if kind == "onnx":
-    import onnxruntime as ort
-    opts = ort.SessionOptions(); opts.intra_op_num_threads = threads; opts.inter_op_num_threads = 1
-    base = hwm_kib()
-    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    run = lambda: s.run(None, {"input_ids": ids})
-else:
-    import torch
-    torch.set_num_threads(threads)
-    if kind == "upstream":
-        from gated_state_spaces_pytorch import GatedDsConvLM
-        cfg = json.loads(path)
-        base = hwm_kib()
-        m = GatedDsConvLM(**cfg).eval()
-    elif kind == "pt2":
-        base = hwm_kib()
-        m = torch.export.load(path).module()
-    elif kind == "aoti":
-        from torch._inductor import aoti_load_package
-        base = hwm_kib()
-        m = aoti_load_package(path)
-    else:
-        base = hwm_kib()
-        m = torch.jit.load(path)
-    def run():
-        with torch.inference_mode():
-            m(torch.from_numpy(ids))
-run()
-print(json.dumps({"baseline_mib": base / 1024, "peak_mib": hwm_kib() / 1024}))
-"""
-
-
-def peak_memory(kind: str, path: str, n: int, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, path, str(n), str(threads)], capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    got = json.loads(proc.stdout)
-    return {**got, "model_and_activations_mib": got["peak_mib"] - got["baseline_mib"]}
-
 
 def cuda_contenders(model_path: Path, upstream, threads: int) -> tuple[dict, str | None]:
     """Eager CUDA and onnxruntime's CUDA provider, or the reason they cannot run here."""

@@ -15,17 +15,17 @@ from __future__ import annotations
 import onnx
 import torch
 
+from gss_runtime.decoder import DECODER_NAME, PREFILL_ABOVE, PREFILL_NAME  # noqa: F401  (PREFILL_ABOVE: for export.py)
+
 from .errors import GSSExportError
 from .export_signatures import StepGraph, quiet_tracing, step_signature
 from .model import GatedDsConvLM
 from .onnx_export import SUPPORTED_OPSETS, conv_translations
 
-FILE = "decoder.onnx"
-PREFILL_FILE = "prefill.onnx"
+# the runtime's names and its rule for when to use prefill.onnx (recorded in config.json for the others)
+FILE, PREFILL_FILE = DECODER_NAME, PREFILL_NAME
 # the conv form prefill.onnx runs over all slots: exact at every length, O(n^(4/3)) (`monarch.py`)
 PREFILL_FORM = "monarch"
-# runtimes send more new tokens than this to prefill.onnx (gss_runtime.decoder.PREFILL_ABOVE)
-PREFILL_ABOVE = 128
 
 
 def input_names(depth: int) -> list[str]:

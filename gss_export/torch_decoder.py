@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .decoder_export import PREFILL_ABOVE  # more new tokens than this go through `prefill`
+from gss_runtime.decoder import PREFILL_ABOVE  # more new tokens than this go through `prefill`, as in the runtime
+
 from .model import GSSConfig
 
 

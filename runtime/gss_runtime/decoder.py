@@ -98,9 +98,9 @@ class Decoder:
         self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
         self._check_names(self.session, self.path)
         prefill = self.path.with_name(PREFILL_NAME)
-        self.prefill_path = prefill if prefill.is_file() and prefill != self.path else None
-        self.prefill_session = open_session(prefill, provider, threads) if self.prefill_path else None
-        if self.prefill_session is not None:
+        self.prefill_session = None
+        if prefill.is_file() and prefill != self.path:
+            self.prefill_session = open_session(prefill, provider, threads)
             self._check_names(self.prefill_session, prefill)
 
     def _check_names(self, session, path: Path) -> None:
