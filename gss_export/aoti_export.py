@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .decoder_io import state_kind
 from .errors import GSSExportError
 from .export_signatures import quiet_tracing
 from .pt2_export import build_programs
@@ -25,7 +26,11 @@ def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto"
     programs = build_programs(model, conv=conv, fmt="aoti")
     c = model.config
     # what a C++ loader needs to size the state and check ids (AOTIModelPackageLoader::get_metadata)
-    sizes = {k: str(getattr(c, k)) for k in ("num_tokens", "max_seq_len", "depth", "heads", "dim_dsconv")}
+    sizes = {k: str(getattr(c, k)) for k in ("family", "num_tokens", "max_seq_len", "depth")}
+    if state_kind(c) == "append":
+        sizes.update(state="append", heads=str(c.heads), dim_dsconv=str(c.dim_dsconv))
+    else:  # one state tensor per layer, (batch, *state_shape)
+        sizes.update(state="replace", state_shape=",".join(str(d) for d in c.state_shapes()[0][1:]))
     files = {}
     with quiet_tracing():
         for name, program in programs.items():

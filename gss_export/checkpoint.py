@@ -1,11 +1,11 @@
-"""Checkpoint intake: read a GatedDsConvLM state dict from any common wrapping, safely, and build the model.
+"""Checkpoint intake: read a state dict of any of upstream's three LMs from any common wrapping, safely,
+tell the family from its keys, read the config from its shapes, and build the model.
 
 Every failure is a `CheckpointError` with a one-screen, actionable message (library errors chained, never
 shown raw). No code in a checkpoint runs unless the caller passes `trust_pickle=True` (`--trust-pickle`).
 """
 from __future__ import annotations
 
-import math
 import re
 import zipfile
 from collections import Counter
@@ -18,12 +18,13 @@ from torch import nn
 
 from .conv_forms import MODEL_FORMS
 from .errors import CheckpointError
-from .model import GatedDsConvLM, GSSConfig
+from .families import BY_MIXER, FAMILIES, Family, GatedLM
 
 NEST_KEYS = ("model", "state_dict", "model_state_dict", "module")
 # AutoregressiveWrapper, DDP, torch.compile, and Lightning's usual `self.model` attribute
 PREFIXES = ("net.", "module.", "_orig_mod.", "model.")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+_MIXER = re.compile(r"^layers\.\d+\.(\w+)\.")
 _TOP_KEYS = ("token_emb.weight", "to_logits.weight")
 _MAX_LIST = 12  # keys listed per category before "... and N more"
 _EXPECTED = "Expected a state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file."
@@ -33,8 +34,8 @@ _EXPECTED = "Expected a state dict saved with torch.save (.pt/.pth/.bin/.ckpt) o
 class LoadedCheckpoint:
     """A loaded model (eval mode, float32) with the config read from its shapes and what intake did."""
 
-    model: GatedDsConvLM
-    config: GSSConfig
+    model: GatedLM
+    config: object  # the family's config dataclass
     source: str
     notes: tuple[str, ...]
 
@@ -180,13 +181,30 @@ def _size(sd: dict, what: str, candidates: list[tuple[str, int]], layers: list[i
     for template, axis in candidates:
         for i in layers if "{i}" in template else [0]:
             t = sd.get(template.format(i=i))
-            if t is not None and t.dim() == 2 and t.shape[axis] > 0:
+            if t is not None and t.dim() > axis and t.shape[axis] > 0:
                 return int(t.shape[axis])
-    raise CheckpointError(f"cannot infer {what}: none of {', '.join(c for c, _ in candidates)} is present as a 2-D tensor.")
+    raise CheckpointError(f"cannot infer {what}: none of {', '.join(c for c, _ in candidates)} is present.")
 
 
-def infer_config(state_dict, *, max_seq_len: int = 2048) -> GSSConfig:
-    """num_tokens, dim, depth, heads, dim_dsconv, dim_expansion_factor from tensor shapes."""
+def detect_family(state_dict) -> Family:
+    """The family whose mixer names the layers' keys (layers.{i}.dsconv.*, .dss.* or .mhesa.*)."""
+    mixers = {m.group(1) for k in state_dict if (m := _MIXER.match(k))} & set(BY_MIXER)
+    if len(mixers) == 1:
+        return BY_MIXER[mixers.pop()]
+    names = ", ".join(f"{f.upstream_class} (layers.{{i}}.{f.mixer}.*)" for f in FAMILIES.values())
+    if mixers:
+        raise CheckpointError(f"the layers mix the keys of several families ({', '.join(sorted(mixers))}); "
+                              f"a checkpoint holds one of {names}.")
+    seen = sorted({m.group(1) for k in state_dict if (m := _MIXER.match(k))})
+    raise CheckpointError(f"cannot tell the model family: no layer has a sequence mixer, layers.{{i}}.dsconv, .dss or .mhesa "
+                          f"(layer entries found: {', '.join(seen) or 'none'}). Expected one of {names}.")
+
+
+def infer_config(state_dict, *, max_seq_len: int = 2048, dss_kernel_lambda_imag_exp: bool | None = None):
+    """The family's config (num_tokens, dim, depth, the mixer's sizes, dim_expansion_factor) from tensor shapes.
+
+    dss_kernel_lambda_imag_exp (GatedStateSpacesLM only; shapes cannot tell it) defaults to upstream's True.
+    """
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise CheckpointError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     sd = state_dict
@@ -195,30 +213,22 @@ def infer_config(state_dict, *, max_seq_len: int = 2048) -> GSSConfig:
         first = ", ".join(list(sd)[:6])
         hint = next((f"\nKeys carry the prefix {k[:-len(t)]!r}, which is not stripped automatically ({', '.join(PREFIXES)} are)."
                      for k in sd for t in _TOP_KEYS if k.endswith("." + t)), "")
-        raise CheckpointError(f"no GatedDsConvLM weights found: {len(sd)} tensors, none named token_emb.weight, "
+        raise CheckpointError(f"no gated-state-spaces LM weights found: {len(sd)} tensors, none named token_emb.weight, "
                               f"layers.{{i}}.* or to_logits.weight (first keys: {first}).{hint}")
     if not layers:
-        raise CheckpointError("the checkpoint has no layers.{i}.* tensors: a GatedDsConvLM needs depth >= 1.")
+        raise CheckpointError("the checkpoint has no layers.{i}.* tensors: a gated-state-spaces LM needs depth >= 1.")
+    family = detect_family(sd)
     if layers != list(range(len(layers))):
         gaps = sorted(set(range(layers[-1] + 1)) - set(layers))
         raise CheckpointError(f"layer indices are not contiguous: found layers {_indices(layers)}, "
-                              f"missing {_indices(gaps)}; a GatedDsConvLM numbers its layers 0..depth-1.")
-    L = "layers.{i}."
-    num_tokens = _size(sd, "num_tokens", [("token_emb.weight", 0), ("to_logits.weight", 0)], layers)
-    dim = _size(sd, "dim", [("token_emb.weight", 1), ("to_logits.weight", 1), (L + "to_u.0.weight", 1)], layers)
-    dim_dsconv = _size(sd, "dim_dsconv", [(L + "to_v.0.weight", 0), (L + "dsconv.to_weight.weight", 1), (L + "to_gate.weight", 1)], layers)
-    heads = _size(sd, "heads", [(L + "dsconv.to_weight.weight", 0)], layers)
-    dim_hidden = _size(sd, "the hidden width", [(L + "to_u.0.weight", 0), (L + "to_gate.weight", 0), (L + "to_out.weight", 1)], layers)
-    if dim_dsconv % heads:
-        raise CheckpointError(f"dim_dsconv={dim_dsconv} (from layers.*.to_v.0.weight) is not divisible by heads={heads} "
-                              "(from layers.*.dsconv.to_weight.weight): not a valid GatedDsConvLM.")
-    factor = dim_hidden / dim
-    if int(factor * dim) != dim_hidden:  # upstream computes int(factor * dim): make the float reproduce it
-        factor = math.nextafter(factor, math.inf)
-    if int(factor * dim) != dim_hidden:
-        raise CheckpointError(f"hidden width {dim_hidden} cannot be written as int(dim_expansion_factor * dim) with dim={dim}.")
-    return GSSConfig(num_tokens=num_tokens, dim=dim, depth=len(layers), heads=heads, dim_dsconv=dim_dsconv,
-                     dim_expansion_factor=int(factor) if factor.is_integer() else factor, max_seq_len=max_seq_len)
+                              f"missing {_indices(gaps)}; a {family.upstream_class} numbers its layers 0..depth-1.")
+    if dss_kernel_lambda_imag_exp is not None and family.name != "gss":
+        raise CheckpointError(f"dss_kernel_lambda_imag_exp applies to GatedStateSpacesLM only; this checkpoint is a {family.upstream_class}.")
+    options = {} if dss_kernel_lambda_imag_exp is None else {"dss_kernel_lambda_imag_exp": bool(dss_kernel_lambda_imag_exp)}
+    try:
+        return family.read_config(lambda what, candidates: _size(sd, what, candidates, layers), len(layers), max_seq_len, options)
+    except ValueError as e:
+        raise CheckpointError(f"{e}: not a valid {family.upstream_class}.") from None
 
 
 def _indices(ids: list[int]) -> str:
@@ -254,26 +264,28 @@ def _problems(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) ->
     return lines + ([f"shape/dtype mismatches ({len(bad)}):", *bad[:_MAX_LIST], *more] if bad else [])
 
 
-def load_checkpoint(path, *, max_seq_len: int = 2048, conv: str = "fft", trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Read `path`, infer the config from its shapes, and return the model (eval mode) with `strict=True` loading."""
+def load_checkpoint(path, *, max_seq_len: int = 2048, conv: str = "fft", trust_pickle: bool = False,
+                    dss_kernel_lambda_imag_exp: bool | None = None) -> LoadedCheckpoint:
+    """Read `path`, tell its family, infer the config from its shapes, and return the model (eval mode)
+    loaded with `strict=True`."""
     if conv not in MODEL_FORMS:
         raise CheckpointError(f"unknown convolution form {conv!r}; choose one of {', '.join(MODEL_FORMS)}")
     sd, notes = read_state_dict(path, trust_pickle=trust_pickle)
-    config = infer_config(sd, max_seq_len=max_seq_len)
+    config = infer_config(sd, max_seq_len=max_seq_len, dss_kernel_lambda_imag_exp=dss_kernel_lambda_imag_exp)
+    family = FAMILIES[config.family]
     # Built on the meta device: no random init to throw away; the checkpoint's tensors are assigned in.
     with torch.device("meta"):
-        model = GatedDsConvLM(config, conv=conv)
+        model = family.model(config, conv=conv)
     problems = _problems(model.state_dict(), sd)
     if problems:
-        c = config
+        sizes = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in ("family", "max_seq_len"))
         raise CheckpointError(
-            f"{path} does not fit the GatedDsConvLM its shapes describe (num_tokens={c.num_tokens}, dim={c.dim}, depth={c.depth}, "
-            f"heads={c.heads}, dim_dsconv={c.dim_dsconv}, dim_expansion_factor={c.dim_expansion_factor}):\n  "
+            f"{path} does not fit the {family.upstream_class} its shapes describe ({sizes}):\n  "
             + "\n  ".join(problems)
-            + "\nKey names must be upstream gated-state-spaces-pytorch GatedDsConvLM's (optionally under AutoregressiveWrapper's net.)."
+            + f"\nKey names must be upstream gated-state-spaces-pytorch {family.upstream_class}'s (optionally under AutoregressiveWrapper's net.)."
         )
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except Exception as e:  # the comparison above should have caught it; keep the promise of a clean message
-        raise CheckpointError(f"{path}: the weights do not load into GatedDsConvLM ({_short(e)})") from e
-    return LoadedCheckpoint(model=model.eval(), config=config, source=str(path), notes=tuple(notes))
+        raise CheckpointError(f"{path}: the weights do not load into {family.upstream_class} ({_short(e)})") from e
+    return LoadedCheckpoint(model=model.eval(), config=config, source=str(path), notes=(f"family {family.upstream_class}", *notes))

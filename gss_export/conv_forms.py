@@ -1,6 +1,7 @@
 """Interchangeable forms of the causal convolution inside `EfficientDsConv`.
 
-Every form computes, for u of shape (b, n, h, d) and K of shape (b, n, h):
+Every form computes, for u of shape (b, n, h, d) and K of shape (b, n, h) (or (1, n, h): one kernel
+for the whole batch, as the GSS and MHESA kernels are):
 
     out[b, j, h, :] = sum_{m=0..j} u[b, m, h, :] * K[b, j - m, h]
 
@@ -71,10 +72,10 @@ def direct_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     Reshape, Slice: contiguous copies, several times faster than a GatherND and Where over n^2
     indices. u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
     """
-    b, n, h, _ = u.shape
-    kh = K.permute(0, 2, 1)  # (b, h, n)
-    c = torch.cat([kh.flip(-1), torch.zeros_like(kh)], -1)  # (b, h, 2n)
-    rows = c.repeat(1, 1, n)[..., n - 1 : n - 1 + n * (2 * n - 1)].reshape(b, h, n, 2 * n - 1)
+    n, h = u.shape[1], u.shape[2]
+    kh = K.permute(0, 2, 1)  # (kb, h, n): kb is b, or 1 for a kernel shared by the batch
+    c = torch.cat([kh.flip(-1), torch.zeros_like(kh)], -1)  # (kb, h, 2n)
+    rows = c.repeat(1, 1, n)[..., n - 1 : n - 1 + n * (2 * n - 1)].reshape(K.shape[0], h, n, 2 * n - 1)
     out = torch.matmul(rows[..., :n], u.permute(0, 2, 1, 3))  # (b, h, n, d)
     return out.permute(0, 2, 1, 3)
 

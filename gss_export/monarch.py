@@ -107,19 +107,20 @@ def _inverse(y: torch.Tensor, mats: List[torch.Tensor], n1: int, b: int) -> torc
 
 
 def monarch_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d); see the module docstring."""
+    """u: (b, n, h, d), K: (b or 1, n, h) -> (b, n, h, d); see the module docstring."""
     batch, n, heads, d = u.shape
     n1, b = monarch_sizes(n)
     half = n1 * b * b // 2
     mats = monarch_matrices(n1, b, u.device, u.dtype)
     x = torch.nn.functional.pad(u.reshape(batch, n, heads * d), [0, 0, 0, half - n])
     sr, si = _forward(x.reshape(batch, n1 // 2, b * b * heads * d), mats, n1, b)
-    k = torch.nn.functional.pad(K, [0, 0, 0, half - n]).reshape(batch, n1 // 2, b * b * heads)
-    kr, ki = _forward(k, mats, n1, b)  # (batch, g*b, b, heads) each
+    kb = K.shape[0]  # batch, or 1 for a kernel shared by the batch (the parameter-derived kernels)
+    k = torch.nn.functional.pad(K, [0, 0, 0, half - n]).reshape(kb, n1 // 2, b * b * heads)
+    kr, ki = _forward(k, mats, n1, b)  # (kb, g*b, b, heads) each
     rows = sr.shape[1]
     shape = [batch, rows, 1, b, heads, d]
     sr, si = sr.reshape(shape), si.reshape(shape)
-    kr, ki = kr.reshape(batch, rows, 1, b, heads, 1), ki.reshape(batch, rows, 1, b, heads, 1)
+    kr, ki = kr.reshape(kb, rows, 1, b, heads, 1), ki.reshape(kb, rows, 1, b, heads, 1)
     # [pr; pi] = [kr; ki] * sr + [-ki; kr] * si: both parts in one pass each
     prod = (torch.cat([kr, ki], 2) * sr + torch.cat([-ki, kr], 2) * si).reshape(batch, rows, 2 * b, heads * d)
     out = _inverse(prod, mats, n1, b).reshape(batch, half, heads, d)

@@ -11,7 +11,7 @@ from . import DEFAULT_OPSET, __version__
 from .conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
 from .errors import GSSExportError
 from .export_signatures import forward_signature, quiet_tracing
-from .model import GatedDsConvLM
+from .families import GatedLM
 from .onnx_fft import fft_conv_translation
 from .onnx_length_switch import switch_by_length
 from .onnx_monarch import monarch_conv_translation
@@ -29,7 +29,7 @@ def outputs_spec(num_tokens: int) -> list[dict]:
     return [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", num_tokens]}]
 
 
-def export_settings(model: GatedDsConvLM, *, conv: str, opset: int) -> dict:
+def export_settings(model: GatedLM, *, conv: str, opset: int) -> dict:
     form = resolve_form(conv, "onnx")
     return {
         "format": "onnx",
@@ -45,7 +45,7 @@ def export_settings(model: GatedDsConvLM, *, conv: str, opset: int) -> dict:
     }
 
 
-def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_onnx(model: GatedLM, *, conv: str = "auto", opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Trace `model` (any form; weights are reused) under the chosen conv form into an ONNX model.
 
     Batch and sequence axes stay symbolic; sequence is bounded by `config.max_seq_len`.
@@ -65,15 +65,16 @@ def build_onnx(model: GatedDsConvLM, *, conv: str = "auto", opset: int = DEFAULT
 def conv_translations(cfg, opset: int) -> dict:
     """The ONNX translations of the conv forms' custom ops for a model of `cfg` at `opset`."""
     build_opset = max(opset, BUILD_MIN_OPSET)
+    heads, head_dim = cfg.conv_geometry()
     return {
         torch.ops.gss_export.fft_causal_conv.default: fft_conv_translation(build_opset),
         torch.ops.gss_export.monarch_causal_conv.default: monarch_conv_translation(
-            build_opset, head_dim=cfg.dim_dsconv // cfg.heads, heads=cfg.heads
+            build_opset, head_dim=head_dim, heads=heads
         ),
     }
 
 
-def trace_onnx(target: GatedDsConvLM, *, opset: int, translation: dict | None = None) -> onnx.ModelProto:
+def trace_onnx(target: GatedLM, *, opset: int, translation: dict | None = None) -> onnx.ModelProto:
     """The dynamo export of `target` as it is (its conv modules included), batch and length symbolic.
 
     `translation`: ONNX translations of the custom ops its conv form uses (`build_onnx` passes them).
@@ -112,7 +113,7 @@ def annotate(proto: onnx.ModelProto, metadata: dict) -> None:
         entry.value = json.dumps(value)
     proto.producer_name = "gss-export"
     proto.producer_version = __version__
-    proto.doc_string = "GatedDsConvLM: input_ids int64 [batch, sequence] -> logits float32 [batch, sequence, num_tokens]"
+    proto.doc_string = "gated-state-spaces LM: input_ids int64 [batch, sequence] -> logits float32 [batch, sequence, num_tokens]"
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:

@@ -43,7 +43,7 @@ def monarch_conv_translation(opset: int, head_dim: int, heads: int):
         return cat(cat(re, op.Neg(im), axis=-1), cat(im, re, axis=-1), axis=-2)
 
     def monarch_causal_conv(u, K):
-        """u: (B, n, h, d) float, K: (B, n, h) float -> (B, n, h, d)"""
+        """u: (B, n, h, d) float, K: (B or 1, n, h) float -> (B, n, h, d)"""
         batch = op.Shape(u, start=0, end=1)
         n = op.Shape(u, start=1, end=2)
         # b = the first candidate with 2*b^3 >= n, else the largest (ArgMax returns the first maximum)
@@ -90,17 +90,18 @@ def monarch_conv_translation(opset: int, head_dim: int, heads: int):
         g3_re, g3_im = op.Slice(g3, ints(0), b, ints(1)), op.Slice(g3, b, two_b, ints(1))  # rows of each part
         rows = op.Mul(groups, b)
 
-        def forward(x, width: int):
-            """x: (B, n1/2, b*b*width) real, rows p1 -> real, imag (B, g*b, b, width) by k3"""
-            a = op.Reshape(op.MatMul(m1, x), cat(batch, groups, two_b, op.Mul(b, ints(width))))
-            a = op.Reshape(op.MatMul(g2, a), cat(batch, rows, two_b, ints(width)))
+        def forward(x, rows_of, width: int):
+            """x: (B, n1/2, b*b*width) real, rows p1 -> real, imag (B, g*b, b, width) by k3; rows_of: [B]"""
+            a = op.Reshape(op.MatMul(m1, x), cat(rows_of, groups, two_b, op.Mul(b, ints(width))))
+            a = op.Reshape(op.MatMul(g2, a), cat(rows_of, rows, two_b, ints(width)))
             return op.MatMul(g3_re, a), op.MatMul(g3_im, a)
 
         # positions are the outer axis already: pad to N/2 rows and read them as (p1, p2 p3 channel)
         x = pad_rows(op.Reshape(u, ints(0, 0, channels)), op.Sub(half, n))
-        sr, si = forward(op.Reshape(x, cat(batch, half_n1, ints(-1))), channels)
-        k = op.Reshape(pad_rows(K, op.Sub(half, n)), cat(batch, half_n1, ints(-1)))
-        kr, ki = forward(k, heads)
+        sr, si = forward(op.Reshape(x, cat(batch, half_n1, ints(-1))), batch, channels)
+        k_batch = op.Shape(K, start=0, end=1)  # B, or 1 for a kernel shared by the batch
+        k = op.Reshape(pad_rows(K, op.Sub(half, n)), cat(k_batch, half_n1, ints(-1)))
+        kr, ki = forward(k, k_batch, heads)
 
         shape = cat(batch, rows, b, ints(heads, head_dim))
         sr, si = op.Reshape(sr, shape), op.Reshape(si, shape)

@@ -17,14 +17,15 @@ from torch.export import ExportedProgram
 from . import __version__
 from .conv_forms import resolve_form
 from .errors import GSSExportError
-from .export_signatures import StepGraph, forward_signature, quiet_tracing, step_signature
-from .model import GatedDsConvLM
+from .decoder_io import StepGraph, step_signature
+from .export_signatures import forward_signature, quiet_tracing
+from .families import GatedLM
 
 FILE = "model.pt2"
 PROGRAMS = ("model", "step", "prefill")
 
 
-def export_settings(model: GatedDsConvLM, *, conv: str, fmt: str = "pt2") -> dict:
+def export_settings(model: GatedLM, *, conv: str, fmt: str = "pt2") -> dict:
     return {
         "format": fmt,
         "file": FILE,
@@ -44,7 +45,7 @@ def torch_export_form(conv: str, fmt: str) -> str:
         raise GSSExportError(str(e)) from None
 
 
-def build_programs(model: GatedDsConvLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
+def build_programs(model: GatedLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
     """{"model": forward, "step": StepGraph, "prefill": StepGraph(whole=True)} exported with batch, length and context symbolic."""
     if model.config.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import GSSExportError
-from .model import GatedDsConvLM
+from .families import GatedLM
 from .tolerances import QualityThreshold
 from .validation import eager_reference
 
@@ -123,7 +123,7 @@ def agreement(want: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return want.argmax(-1) == got.argmax(-1), (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
-def eager_logits(model: GatedDsConvLM, batch: np.ndarray) -> tuple[np.ndarray, str]:
+def eager_logits(model: GatedLM, batch: np.ndarray) -> tuple[np.ndarray, str]:
     """Float32 eager logits (count, length, vocab) of each window, and the reference's name."""
     reference, name = eager_reference(model)
     with torch.no_grad():

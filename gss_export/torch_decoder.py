@@ -3,8 +3,9 @@ numpy in and out.
 
 The same interface as `gss_runtime.Decoder` over decoder.onnx and prefill.onnx (empty_state / feed /
 step, the same choice of graph by length), so one validation (`validation.validate_decoder`) checks
-every target's incremental decoding. A state is (pad, past_u, past_k); feeding returns new lists and
-leaves the old state usable.
+every target's incremental decoding. A state is a value: feeding returns a new one and leaves the old
+one usable. For an appended state (GatedDsConvLM) it is (pad, past_u, past_k), the past growing by the
+returned entries; for a recurrent one (pending pad, per-layer states), replaced whole at each call.
 """
 from __future__ import annotations
 
@@ -15,38 +16,47 @@ import torch
 
 from gss_runtime.decoder import PREFILL_ABOVE  # more new tokens than this go through `prefill`, as in the runtime
 
-from .model import GSSConfig
+from .decoder_io import state_kind
 
 
 class TorchDecoder:
-    """step and prefill: (input_ids, pad, past_u, past_k) -> (logits, new_u, new_k) nested, or flat
-    (logits, *new_u, *new_k)."""
+    """step and prefill: (input_ids, pad, *state) -> (logits, *state update) nested, or flat."""
 
-    def __init__(self, step: Callable, config: GSSConfig, prefill: Callable | None = None):
+    def __init__(self, step: Callable, config, prefill: Callable | None = None):
         self.step_fn, self.prefill_fn, self.config = step, prefill, config
+        self.kind = state_kind(config)
 
     def empty_state(self, pads):
-        """One zero padding slot (pad counts it): the exported steps need a past of at least one slot."""
+        """Appended: one zero padding slot (pad counts it), the exported steps need a past of at least one
+        slot. Recurrent: zero states, the pads waiting for the first call."""
         c = self.config
-        pad = torch.as_tensor(np.asarray(pads, np.int64)) + 1
+        pad = torch.as_tensor(np.asarray(pads, np.int64))
         b = len(pad)
-        return pad, [torch.zeros(1, b, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
+        if self.kind == "append":
+            return pad + 1, [torch.zeros(1, b, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
+        return pad, [torch.zeros(b, *s[1:]) for s in c.state_shapes()]
 
     def feed(self, input_ids, state, whole: bool | None = None):
         """input_ids (b, t) -> logits (b, t, num_tokens) numpy, new state; whole: through prefill (True),
         step (False) or by length (None)."""
-        pad, past_u, past_k = state
         ids = torch.as_tensor(np.asarray(input_ids, np.int64))
         if whole is None:
             whole = self.prefill_fn is not None and ids.shape[1] > PREFILL_ABOVE
         elif whole and self.prefill_fn is None:
             raise ValueError("this artifact has no prefill")
+        pad, *tensors = state
+        call_pad = pad if self.kind == "append" else pad.clamp(max=ids.shape[1])
         with torch.no_grad():
-            out = (self.prefill_fn if whole else self.step_fn)(ids, pad, past_u, past_k)
+            out = (self.prefill_fn if whole else self.step_fn)(ids, call_pad, *tensors)
         depth = self.config.depth
-        logits, new_u, new_k = out if len(out) == 3 and isinstance(out[1], (list, tuple)) else (out[0], out[1 : 1 + depth], out[1 + depth :])
-        grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in ((past_u, new_u), (past_k, new_k))]
-        return logits.numpy(), (pad, *grown)
+        nested = isinstance(out[1], (list, tuple))
+        logits = out[0]
+        if self.kind == "append":
+            new_u, new_k = (out[1], out[2]) if nested else (out[1 : 1 + depth], out[1 + depth :])
+            grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in zip(tensors, (new_u, new_k))]
+            return logits.numpy(), (pad, *grown)
+        new_state = list(out[1]) if nested else list(out[1:])
+        return logits.numpy(), (pad - call_pad, new_state)
 
     def step(self, tokens, state):
         """tokens (b,) -> logits (b, num_tokens), new state."""

@@ -1,7 +1,7 @@
 """Export to TorchScript: `model.pt` whose forward(input_ids: int64 [b, n]) returns logits at any length.
 
 Beside forward it carries `step(input_ids, pad, past_u, past_k)` and `empty_state(batch)`
-(`GatedDsConvLM.step`), so a C++ service decodes one position per token (runtime/cpp).
+(`GatedLM.step`), so a C++ service decodes one position per token (runtime/cpp).
 
 The model is scripted, not traced: tracing bakes the sequence length into the FFT size and
 arange calls, scripting keeps the length a runtime value. Needs no Python at load time
@@ -17,10 +17,10 @@ import torch
 
 from . import __version__
 from .conv_forms import resolve_form
-from .model import GatedDsConvLM
+from .families import GatedLM
 
 
-def export_settings(model: GatedDsConvLM, *, conv: str) -> dict:
+def export_settings(model: GatedLM, *, conv: str) -> dict:
     return {
         "format": "torchscript",
         "file": "model.pt",
@@ -32,7 +32,7 @@ def export_settings(model: GatedDsConvLM, *, conv: str) -> dict:
     }
 
 
-def build_torchscript(model: GatedDsConvLM, *, conv: str = "auto") -> torch.jit.ScriptModule:
+def build_torchscript(model: GatedLM, *, conv: str = "auto") -> torch.jit.ScriptModule:
     """Script `model` under the chosen conv form (weights reused)."""
     target = model.with_conv(resolve_form(conv, "torchscript"))
     with warnings.catch_warnings():

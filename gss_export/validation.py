@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .model import GatedDsConvLM
+from .families import GatedLM, family_of
 from .tolerances import Tolerance
 
 DEFAULT_BATCHES = (1, 3)
@@ -48,6 +48,7 @@ class ValidationReport:
     tolerance: Tolerance
     rows: list[ShapeCheck] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    expected_config: dict | None = field(default=None, repr=False)  # what the artifact's metadata must say
 
     @property
     def ok(self) -> bool:
@@ -77,24 +78,20 @@ def default_shapes(max_seq_len: int, batches: Sequence[int] = DEFAULT_BATCHES, l
     return [(b, n) for b in batches for n in picked if b == smallest or b * n <= MAX_CHECK_TOKENS]
 
 
-def eager_reference(model: GatedDsConvLM) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def eager_reference(model: GatedLM) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A float32 eager forward to compare against, and its name."""
+    family = family_of(model)
     try:
-        from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
+        upstream = family.upstream(model.config)
     except ImportError:
         return model.with_conv("fft"), "gss_export eager (torch.fft form; upstream package not installed)"
-    c = model.config
-    upstream = Upstream(
-        num_tokens=c.num_tokens, dim=c.dim, depth=c.depth, heads=c.heads, dim_dsconv=c.dim_dsconv,
-        max_seq_len=c.max_seq_len, dim_expansion_factor=c.dim_expansion_factor,
-    )
     upstream.load_state_dict(model.state_dict(), strict=True)
-    return upstream.eval(), "gated-state-spaces-pytorch eager (upstream)"
+    return upstream.eval(), f"gated-state-spaces-pytorch {family.upstream_class} eager (upstream)"
 
 
 def compare(
     run: Callable[[np.ndarray], np.ndarray],
-    model: GatedDsConvLM,
+    model: GatedLM,
     shapes: Sequence[tuple[int, int]],
     tolerance: Tolerance,
     report: ValidationReport,
@@ -149,11 +146,10 @@ def eager_row(reference, ids: np.ndarray) -> np.ndarray:
         return reference(torch.from_numpy(np.ascontiguousarray(ids, np.int64)))[0].numpy()
 
 
-def validate_onnx(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
-    """Open `path` with onnxruntime's CPU provider; check names, metadata, then values."""
+def onnx_forward(path: Path, report: ValidationReport) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`path` opened with onnxruntime's CPU provider, after checking its input and output names, types and axes."""
     import onnxruntime as ort
 
-    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs, outputs = session.get_inputs(), session.get_outputs()
     expect = [("input", inputs, "input_ids", "tensor(int64)", 2), ("output", outputs, "logits", "tensor(float)", 3)]
@@ -166,43 +162,21 @@ def validate_onnx(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance
             report.failures.append(f"{kind} {name!r} has type {value.type}, expected {dtype}")
         if len(value.shape) != rank or not all(isinstance(d, str) for d in value.shape[:2]):
             report.failures.append(f"{kind} {name!r} has shape {value.shape}: expected rank {rank} with symbolic batch and sequence")
-    meta = session.get_modelmeta().custom_metadata_map
-    stored = json.loads(meta.get("gss_export.model", "null"))
-    if stored != model.config.to_dict():
-        report.failures.append(f"metadata gss_export.model is {stored}, expected {model.config.to_dict()}")
+    stored = json.loads(session.get_modelmeta().custom_metadata_map.get("gss_export.model", "null"))
+    if stored != report.expected_config:
+        report.failures.append(f"metadata gss_export.model is {stored}, expected {report.expected_config}")
     if report.failures:  # names are wrong: values would only repeat the finding
+        return None
+    return lambda ids: session.run(["logits"], {"input_ids": ids})[0]
+
+
+def validate_forward(target, path: Path, model: GatedLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+    """The artifact's forward (`target.forward`: interface first) against eager at each shape."""
+    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance, expected_config=model.config.to_dict())
+    run = target.forward(path, report)
+    if run is None:
         return report
-    return compare(lambda ids: session.run(["logits"], {"input_ids": ids})[0], model, shapes, tolerance, report, on_progress)
-
-
-def validate_torchscript(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
-    """Load `path` with torch.jit.load; check its forward signature, then values."""
-    from .torchscript_export import load_torchscript
-
-    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
-    scripted = load_torchscript(path)
-    args = [a.name for a in scripted.forward.schema.arguments][1:]
-    if args != ["input_ids"]:
-        report.failures.append(f"forward arguments {args}, expected ['input_ids']")
-        return report
-
-    return compare(torch_runner(scripted), model, shapes, tolerance, report, on_progress)
-
-
-def validate_pt2(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
-    """The torch.export archive's forward program (`torch.export.load`) against eager."""
-    from .pt2_export import load_pt2_program
-
-    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
-    return compare(torch_runner(load_pt2_program(path)), model, shapes, tolerance, report, on_progress)
-
-
-def validate_aoti(path: Path, model: GatedDsConvLM, shapes, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
-    """The AOTInductor package's compiled forward against eager."""
-    from .aoti_export import load_aoti
-
-    report = ValidationReport(artifact=str(path), reference="", tolerance=tolerance)
-    return compare(torch_runner(load_aoti(path)), model, shapes, tolerance, report, on_progress)
+    return compare(run, model, shapes, tolerance, report, on_progress)
 
 
 def torch_runner(forward) -> Callable[[np.ndarray], np.ndarray]:
@@ -249,7 +223,7 @@ def decoder_cases(max_seq_len: int) -> list[DecoderCase]:
     return fitted + [DecoderCase("up to max_seq_len", last, 3)]
 
 
-def validate_decoder(decoder, artifact: str, model: GatedDsConvLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
+def validate_decoder(decoder, artifact: str, model: GatedLM, tolerance: Tolerance, on_progress: Progress | None = None) -> ValidationReport:
     """Incremental decoding against eager full forwards at every position.
 
     `decoder` has empty_state(pads), feed(ids (b, t), state, whole) and step(tokens (b,), state), each

@@ -14,7 +14,7 @@ import onnx
 
 from . import quality
 from .errors import GSSExportError, ValidationFailed
-from .model import GatedDsConvLM
+from .families import GatedLM
 from .onnx_export import save_onnx
 from .onnx_variants import INT8_ACTIVATIONS, VARIANTS, save_variant
 from .tolerances import QualityThreshold, quality_for
@@ -34,7 +34,7 @@ class VariantRequest:
     int8_activations: str = "auto"
     options: dict = field(default_factory=dict, init=False)
 
-    def prepare(self, fmt: str, model: GatedDsConvLM, validate: bool = True) -> None:
+    def prepare(self, fmt: str, model: GatedLM, validate: bool = True) -> None:
         """Check the request against the export and fill in defaults; raises GSSExportError (exit 2).
 
         The held-out text is needed only to validate (a non-byte-level model has no default)."""
@@ -64,7 +64,7 @@ def save(proto: onnx.ModelProto, path: Path, external_data: bool | None, request
     settings["variant"]["files"][path.name] = save_variant(proto, request.kind, path, external_data, **request.options)
 
 
-def check(staging: Path, out_dir: Path, model: GatedDsConvLM, request: VariantRequest, settings: dict,
+def check(staging: Path, out_dir: Path, model: GatedLM, request: VariantRequest, settings: dict,
           decoder: bool, progress: Callable[[str, int, int, str], None]):
     """(model report, decoder report or None): quality of the staged files; raises ValidationFailed below threshold."""
     batch = quality.windows(request.heldout.ids, model.config.max_seq_len, length=request.window)

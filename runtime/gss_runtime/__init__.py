@@ -1,8 +1,8 @@
 """Torch-free runtime for models exported by gss-export: full-sequence logits and generation."""
 
-from .decoder import Decoder, DecoderState
+from .decoder import Decoder, DecoderState, RecurrentState
 from .errors import RuntimeInputError
 from .generate import Generation, Generator, Sampling
 from .runner import GSSRunner
 
-__all__ = ["Decoder", "DecoderState", "Generation", "Generator", "GSSRunner", "RuntimeInputError", "Sampling"]
+__all__ = ["Decoder", "DecoderState", "RecurrentState", "Generation", "Generator", "GSSRunner", "RuntimeInputError", "Sampling"]

@@ -1,6 +1,15 @@
 """The decoder with state (`decoder.onnx`, `prefill.onnx`) driven from numpy: prefill ragged prompts, then step.
 
-Torch-free. Per layer the state holds the normalised conv inputs and kernel values of every
+Torch-free. The export's metadata says which of two kinds of state its family carries
+(`gss_export.state`; exports without it are "append").
+
+Recurrent families ("replace": GatedStateSpacesLM, GatedExponentialSmoothingLM): per layer one
+state tensor of a fixed shape, batch first, which the graphs return whole after each call; a
+step's cost and the state's size do not depend on the context. Ragged prompts are padded on the
+left of the call and `pad` says how many leading positions of each row are padding (they enter
+nothing); later calls have none.
+
+GatedDsConvLM ("append"): per layer the state holds the normalised conv inputs and kernel values of every
 slot so far, slot-major: (slots, batch, width). The graphs return only the new slots' entries;
 they are appended in place to buffers with spare capacity, and the filled part goes back to the
 graph as a view, so a step copies nothing that grows with the context. Ragged prompts are padded
@@ -16,6 +25,7 @@ before it existed fall back to chunks through decoder.onnx, which costs O(t^2)).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +90,23 @@ class DecoderState:
         return DecoderState(self.pad[keep], self.length, _Slots(arrays, self.length))
 
 
+@dataclass(frozen=True)
+class RecurrentState:
+    """A recurrent family's state: per layer one (b, ...) array, replaced by each call; `pending` leading
+    padding positions per row are still to come (a ragged prompt not yet fed)."""
+
+    pending: np.ndarray
+    tokens: np.ndarray  # (b,) real tokens seen per row
+    arrays: list[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def rows(self, keep: np.ndarray) -> "RecurrentState":
+        return RecurrentState(self.pending[keep], self.tokens[keep], [np.ascontiguousarray(a[keep]) for a in self.arrays])
+
+
 class Decoder:
     """onnxruntime sessions over `decoder.onnx` and, where exported, `prefill.onnx`.
 
@@ -94,8 +121,16 @@ class Decoder:
         self.providers: list[str] = self.session.get_providers()
         self.config: dict = read_config(self.path, config_file, self.session)
         depth = self.config["depth"]
-        self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
-        self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.kind = json.loads(meta.get("gss_export.state", '"append"'))
+        if self.kind == "append":
+            self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
+            self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
+        else:  # names and fixed shapes as the export wrote them down
+            spec = json.loads(meta.get("gss_export.inputs", "[]"))[2:]
+            self.past_names = [t["name"] for t in spec]
+            self.new_names = [f"new_{name}" for name in self.past_names]
+            self.state_shapes = [tuple(t["shape"][1:]) for t in spec]
         self._check_names(self.session, self.path)
         prefill = self.path.with_name(PREFILL_NAME)
         self.prefill_session = None
@@ -111,13 +146,21 @@ class Decoder:
                 f"and outputs {names[1]} (re-export with gss-export --format onnx)"
             )
 
-    def empty_state(self, pad: Sequence[int] | np.ndarray) -> DecoderState:
+    @property
+    def bounded(self) -> bool:
+        """Whether the context is limited by max_seq_len (an appended state); a recurrent one only limits each call."""
+        return self.kind == "append"
+
+    def empty_state(self, pad: Sequence[int] | np.ndarray) -> DecoderState | RecurrentState:
         """The state before any token, for rows with `pad` padding tokens before their position 0.
 
-        It holds one zero slot, itself padding (never read): onnxruntime 1.31 dies with SIGFPE on a
-        zero-length past, so the graph is always given at least one slot.
+        Appended: one zero slot, itself padding (never read): onnxruntime 1.31 dies with SIGFPE on a
+        zero-length past, so the graph is always given at least one slot. Recurrent: zeros.
         """
         c = self.config
+        if self.kind != "append":
+            pad = np.asarray(pad, np.int64)
+            return RecurrentState(pad, np.zeros_like(pad), [np.zeros((len(pad), *s), np.float32) for s in self.state_shapes])
         widths = [c["dim_dsconv"]] * c["depth"] + [c["heads"]] * c["depth"]
         pad = np.asarray(pad, np.int64) + 1
         return DecoderState(pad, 1, _Slots([np.zeros((1, len(pad), w), np.float32) for w in widths], 1))
@@ -130,12 +173,17 @@ class Decoder:
         """
         ids = check_ids(input_ids, self.config)
         t, limit = ids.shape[1], self.config["max_seq_len"]
+        if whole and self.prefill_session is None:
+            raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
+        if self.kind != "append":
+            session = self.prefill_session if (whole or (whole is None and t > PREFILL_ABOVE)) and self.prefill_session else self.session
+            call_pad = np.minimum(state.pending, t)
+            outputs = session.run(None, {"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
+            return outputs[0], RecurrentState(state.pending - call_pad, state.tokens + t - call_pad, outputs[1:])
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
         if whole is None:
             whole = self.prefill_session is not None and t > PREFILL_ABOVE
-        elif whole and self.prefill_session is None:
-            raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
         slots = state.slots
         if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
             slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)

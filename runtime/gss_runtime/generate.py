@@ -112,6 +112,7 @@ class Generator:
         """Yield (row, token) as tokens are made. prompts: one id sequence or a list of them."""
         batch = [list(prompts)] if _is_single(prompts) else [list(p) for p in prompts]
         vocab, limit = self.config["num_tokens"], self.config["max_seq_len"]
+        bounded = self.decoder.bounded  # a recurrent state has no limit on the context, only on each prompt
         sampling.check(vocab)
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise RuntimeInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens}")
@@ -137,7 +138,7 @@ class Generator:
                 reason = _append(made, int(token), eos_id, stops)
                 # a tail that may still grow into a stop sequence is held back until it cannot
                 ready = len(made) if reason else len(made) - _stop_prefix(made, stops)
-                if not reason and on_limit == "stop" and len(batch[row]) + len(made) > limit:
+                if not reason and bounded and on_limit == "stop" and len(batch[row]) + len(made) > limit:
                     reason, ready = "max_seq_len", len(made)  # the newest token can no longer be fed
                 yield from ((int(row), t) for t in made[shown[row]:ready])
                 shown[row] = ready
@@ -150,7 +151,7 @@ class Generator:
                 break
             if len(keep) < len(active):  # a row finished: drop it from the batch (copies the state once)
                 active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
-            if int(state.tokens.max()) >= limit:  # on_limit == "slide": re-read each row's last window
+            if bounded and int(state.tokens.max()) >= limit:  # on_limit == "slide": re-read each row's last window
                 logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active])
             else:
                 logits, state = self.decoder.step(tokens, state)

@@ -1,4 +1,4 @@
-"""Run an exported GatedDsConvLM with onnxruntime: input_ids (batch, seq) int64 -> logits (batch, seq, num_tokens).
+"""Run an exported gated-state-spaces LM (any of the three families) with onnxruntime: input_ids (batch, seq) int64 -> logits (batch, seq, num_tokens).
 
 Torch-free on purpose: numpy and onnxruntime only, so a deployment needs neither torch nor gss_export.
 """
@@ -31,7 +31,7 @@ class GSSRunner:
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != ["input_ids"] or "logits" not in outputs:
             raise RuntimeInputError(
-                f"{self.path} is not a GatedDsConvLM export: expected input 'input_ids' and output 'logits', "
+                f"{self.path} is not a gss-export model: expected input 'input_ids' and output 'logits', "
                 f"found inputs {inputs} and outputs {outputs}"
             )
         self.config: dict = read_config(self.path, config_file, self.session)

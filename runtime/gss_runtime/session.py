@@ -18,7 +18,13 @@ from .errors import RuntimeInputError
 MODEL_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
 META_KEY = "gss_export.model"
-CONFIG_KEYS = ("num_tokens", "dim", "depth", "heads", "dim_dsconv", "dim_expansion_factor", "max_seq_len")
+# what every family's config has; `family` is absent from exports made before there were three (dsconv)
+CONFIG_KEYS = ("num_tokens", "dim", "depth", "dim_expansion_factor", "max_seq_len")
+FAMILY_KEYS = {
+    "dsconv": ("heads", "dim_dsconv"),
+    "gss": ("dss_kernel_N", "dss_kernel_H", "dss_kernel_lambda_imag_exp"),
+    "mhesa": ("heads", "dim_mhesa"),
+}
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -70,10 +76,16 @@ def read_config(path: Path, config_file: Path | None, session: ort.InferenceSess
             config = json.loads(raw)
         except ValueError as e:
             raise RuntimeInputError(f"{META_KEY} in {path} is not valid JSON: {e}") from None
-    missing = [k for k in CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if not isinstance(config, dict):
+        raise RuntimeInputError(f"the model config in {source} is not a JSON object")
+    family = config.get("family", "dsconv")
+    if family not in FAMILY_KEYS:
+        raise RuntimeInputError(f"the model config in {source} names family {family!r}; this runtime knows {', '.join(FAMILY_KEYS)}")
+    keys = CONFIG_KEYS + FAMILY_KEYS[family]
+    missing = [k for k in keys if k not in config]
     if missing:
         raise RuntimeInputError(f"the model config in {source} lacks {', '.join(missing)}")
-    return {k: config[k] for k in CONFIG_KEYS}
+    return {"family": family, **{k: config[k] for k in keys}}
 
 
 def _options(threads: int | None, quiet: bool = False) -> ort.SessionOptions:

@@ -1,4 +1,5 @@
-"""GatedDsConvLM equal to gated-state-spaces-pytorch 0.1.0, with a swappable convolution form.
+"""GatedDsConvLM equal to gated-state-spaces-pytorch 0.1.0, with a swappable convolution form and a step
+whose state grows by one slot per token.
 
 Parameter names match upstream exactly (`token_emb`, `layers.{i}.to_u.0`, `layers.{i}.dsconv.param_D`,
 ...), so an upstream state dict loads with `strict=True`. No einops: TorchScript can script this.
@@ -6,17 +7,20 @@ Parameter names match upstream exactly (`token_emb`, `layers.{i}.to_u.0`, `layer
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .conv_forms import causal_conv_step, continuation_inputs, make_conv
+from ..conv_forms import causal_conv_step, continuation_inputs, make_conv
+from .gated import GatedLayer, GatedLM
 
 
 @dataclass(frozen=True)
-class GSSConfig:
+class DsConvConfig:
     """Hyper-parameters of `GatedDsConvLM`; all but `max_seq_len` are readable from weight shapes."""
 
+    family: ClassVar[str] = "dsconv"
     num_tokens: int
     dim: int
     depth: int
@@ -30,7 +34,14 @@ class GSSConfig:
         return int(self.dim_expansion_factor * self.dim)
 
     def to_dict(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+    def upstream_kwargs(self) -> dict:
         return asdict(self)
+
+    def conv_geometry(self) -> tuple[int, int]:
+        """(heads, head_dim) of the convolution."""
+        return self.heads, self.dim_dsconv // self.heads
 
 
 class EfficientDsConv(nn.Module):
@@ -82,8 +93,8 @@ class EfficientDsConv(nn.Module):
         return out.reshape(b, t, dim) + u * self.param_D, u.transpose(0, 1), K.transpose(0, 1)
 
 
-class GatedDsConv(nn.Module):
-    """One gated layer (upstream pseudocode 3.2); `reverse_seq` runs it over the flipped sequence."""
+class GatedDsConv(GatedLayer):
+    """One gated layer with the dsconv mixer; `reverse_seq` runs it over the flipped sequence."""
 
     def __init__(
         self,
@@ -95,16 +106,9 @@ class GatedDsConv(nn.Module):
         reverse_seq: bool = False,
         conv: str = "fft",
     ):
-        super().__init__()
+        super().__init__(dim=dim, width=dim_dsconv, dim_expansion_factor=dim_expansion_factor, reverse_seq=reverse_seq)
         assert dim_dsconv % heads == 0
-        self.reverse_seq = reverse_seq
-        self.norm = nn.LayerNorm(dim)
-        dim_hidden = int(dim_expansion_factor * dim)
-        self.to_u = nn.Sequential(nn.Linear(dim, dim_hidden, bias=False), nn.GELU())
-        self.to_v = nn.Sequential(nn.Linear(dim, dim_dsconv, bias=False), nn.GELU())
         self.dsconv = EfficientDsConv(dim=dim_dsconv, heads=heads, conv=conv)
-        self.to_gate = nn.Linear(dim_dsconv, dim_hidden, bias=False)
-        self.to_out = nn.Linear(dim_hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, n, dim) -> (b, n, dim)"""
@@ -120,45 +124,20 @@ class GatedDsConv(nn.Module):
         self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor, whole: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` for new positions only (see `EfficientDsConv.step`); x: (b, t, dim)."""
-        if self.reverse_seq:
-            raise ValueError("a reverse_seq layer sees the future: it has no incremental form")
+        self.check_causal()
         h = self.norm(x)
         conv, u_new, k_new = self.dsconv.step(self.to_v(h), u_past, k_past, pad, whole)
         return self.gated_output(h, conv, x), u_new, k_new
 
-    def gated_output(self, h: torch.Tensor, conv: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The per-position part after the convolution; shared by forward and step."""
-        return self.to_out(self.to_gate(conv) * self.to_u(h)) + residual
 
-
-class GatedDsConvLM(nn.Module):
+class GatedDsConvLM(GatedLM):
     """Token embedding, `depth` GatedDsConv layers, linear head. forward: (b, n) int64 -> (b, n, num_tokens)."""
 
-    def __init__(self, config: GSSConfig, conv: str = "fft"):
-        super().__init__()
-        self.config = config
-        self.conv_form = conv
-        self.max_seq_len = config.max_seq_len
-        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
-        self.layers = nn.ModuleList(
-            GatedDsConv(
-                dim=config.dim,
-                heads=config.heads,
-                dim_dsconv=config.dim_dsconv,
-                dim_expansion_factor=config.dim_expansion_factor,
-                conv=conv,
-            )
-            for _ in range(config.depth)
-        )
-        self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] > self.max_seq_len:  # upstream asserts the same
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.max_seq_len}")
-        x = self.token_emb(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.to_logits(x)
+    def __init__(self, config: DsConvConfig, conv: str = "fft"):
+        c = config
+        layers = [GatedDsConv(dim=c.dim, heads=c.heads, dim_dsconv=c.dim_dsconv, dim_expansion_factor=c.dim_expansion_factor, conv=conv)
+                  for _ in range(c.depth)]
+        super().__init__(config, layers, conv)
 
     @torch.jit.export  # scripted beside forward: C++ (runtime/cpp) decodes incrementally with it
     def step(
@@ -210,10 +189,3 @@ class GatedDsConvLM(nn.Module):
             past_u.append(w.new_zeros(0, batch, w.shape[1]))
             past_k.append(w.new_zeros(0, batch, w.shape[0]))
         return past_u, past_k
-
-    def with_conv(self, conv: str) -> "GatedDsConvLM":
-        """The same weights (shared, not copied) under another convolution form."""
-        with torch.device("meta"):  # no random init to throw away
-            other = GatedDsConvLM(self.config, conv=conv)
-        other.load_state_dict(self.state_dict(), strict=True, assign=True)
-        return other.eval()

@@ -1,0 +1,110 @@
+"""The decoder's contract, written once: input and output names, shapes, the state's kind, and what
+torch.export and the ONNX exporter trace for `step` and `prefill`.
+
+Two kinds of state, one per family kind (`families.Family.state`):
+
+- "append" (GatedDsConvLM): inputs input_ids (batch, new_tokens), pad (batch,) the slot of each
+  row's position 0, past_u.i (context, batch, dim_dsconv) and past_k.i (context, batch, heads);
+  outputs logits and the new slots' entries new_u.i, new_k.i (new_tokens, batch, .), which the
+  caller appends. context >= 1: onnxruntime 1.31 dies (SIGFPE) on a zero-length past, so every
+  runtime starts from one padding slot.
+- "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): inputs input_ids, pad (batch,) the
+  leading padding positions of each row in this call, state.i (batch, ...) of a fixed shape;
+  outputs logits and new_state.i, the whole state after the call, of the same shape.
+
+config.json's export.decoder carries all of it, and the runtimes (Python, Node.js, C++) read it from there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .export_signatures import MAX_BATCH
+from .families import family_of
+
+
+def state_kind(config) -> str:
+    return family_of(config).state
+
+
+def input_names(config) -> list[str]:
+    d = config.depth
+    if state_kind(config) == "append":
+        return ["input_ids", "pad"] + [f"past_u.{i}" for i in range(d)] + [f"past_k.{i}" for i in range(d)]
+    return ["input_ids", "pad"] + [f"state.{i}" for i in range(d)]
+
+
+def output_names(config) -> list[str]:
+    d = config.depth
+    if state_kind(config) == "append":
+        return ["logits"] + [f"new_u.{i}" for i in range(d)] + [f"new_k.{i}" for i in range(d)]
+    return ["logits"] + [f"new_state.{i}" for i in range(d)]
+
+
+def describe(config) -> dict:
+    """Names, dtypes and shapes of the decoder's inputs and outputs, and its state's kind and size
+    (stored in config.json and the decoder's metadata)."""
+    c, kind = config, state_kind(config)
+    ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]}
+    logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "new_tokens", c.num_tokens]}
+
+    def tensors(names, shapes):
+        return [{"name": n, "dtype": "float32", "shape": s} for n, s in zip(names, shapes)]
+
+    if kind == "append":
+        widths = [c.dim_dsconv] * c.depth + [c.heads] * c.depth
+        return {
+            "state": kind,
+            "inputs": [{**ids, "doc": "tokens for slots context..context+new_tokens-1"},
+                       {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "slot of each row's position 0: padding slots before it are never read"},
+                       *tensors(input_names(c)[2:], [["context", "batch", w] for w in widths])],
+            "outputs": [logits, *tensors(output_names(c)[1:], [["new_tokens", "batch", w] for w in widths])],
+            "state_bytes_per_token": 4 * c.depth * (c.dim_dsconv + c.heads),
+        }
+    shapes = c.state_shapes()
+    return {
+        "state": kind,
+        "inputs": [{**ids, "doc": "new tokens after the state"},
+                   {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "leading padding positions of each row in this call (a ragged prompt; 0 afterwards)"},
+                   *tensors(input_names(c)[2:], shapes)],
+        "outputs": [logits, *tensors(output_names(c)[1:], shapes)],
+        "state_bytes": 4 * sum(_size(s) for s in shapes),  # per row, whatever the context
+    }
+
+
+def _size(shape: list) -> int:
+    n = 1
+    for d in shape:
+        n *= d if isinstance(d, int) else 1
+    return n
+
+
+class StepGraph(nn.Module):
+    """`model.step` (or `model.prefill` with `whole=True`) as a module's forward with flat outputs
+    (logits, *state outputs in `output_names` order), so an exporter sees named tensors."""
+
+    def __init__(self, model: nn.Module, whole: bool = False):
+        super().__init__()
+        self.model, self.whole = model, whole
+
+    def forward(self, input_ids, pad, *state):
+        advance = self.model.prefill if self.whole else self.model.step
+        logits, *entries = advance(input_ids, pad, *state)
+        return (logits, *[t for group in entries for t in group])
+
+
+def step_signature(config) -> tuple[tuple, dict]:
+    """StepGraph.forward's example inputs and their dynamic shapes (batch, new_tokens, and context for "append")."""
+    c = config
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    new = torch.export.Dim("new_tokens", min=1, max=c.max_seq_len)
+    # example sizes >= 2 and distinct, so no axis specialises or gets tied to another; distinct
+    # tensors per layer, since the exporter would merge aliased inputs into one
+    ids, pad = torch.zeros(2, 3, dtype=torch.long), torch.tensor([1, 0])
+    if state_kind(c) == "append":
+        context = torch.export.Dim("context", min=1, max=c.max_seq_len + 1)
+        example = (ids, pad, [torch.zeros(5, 2, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(5, 2, c.heads) for _ in range(c.depth)])
+        return example, {"input_ids": {0: batch, 1: new}, "pad": {0: batch},
+                         "state": ([{0: context, 1: batch}] * c.depth, [{0: context, 1: batch}] * c.depth)}
+    example = (ids, pad, [torch.zeros(2, *s[1:]) for s in c.state_shapes()])
+    return example, {"input_ids": {0: batch, 1: new}, "pad": {0: batch}, "state": ([{0: batch}] * c.depth,)}

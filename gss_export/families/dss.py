@@ -1,0 +1,204 @@
+"""GatedStateSpacesLM (GSS with a DSS kernel) equal to gated-state-spaces-pytorch 0.1.0, with a
+recurrent step whose state has a fixed size.
+
+Upstream builds, at every call, Lambda = -exp(Lambda_real) + i * exp(Lambda_imag) (no exp on the
+imaginary part with dss_kernel_lambda_imag_exp=False), C' = (C_real + i C_imag) * (exp(Lambda) - 1) / Lambda
+and the kernel K[l, h] = Re(sum_n C'[h, n] * exp(Lambda_n * l)), then convolves each channel with it.
+Here the kernel goes through the shared convolution forms (one kernel for the whole batch), and the
+same layer is run as the exact linear recurrence it is, for decoding:
+
+    s[h, n] <- exp(Lambda_n) * s[h, n] + u[j, h]        y[j, h] = Re(sum_n C'[h, n] s[h, n]) + D[h] u[j, h]
+
+A state is (batch, H, 2N) per layer: the real parts of the N modes of each channel, then their
+imaginary parts. Complex numbers are real pairs throughout, so every target (ONNX has no complex
+type) runs the same code. Parameter names are upstream's, so checkpoints load with strict=True.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..conv_forms import direct_causal_conv, make_conv
+from .gated import GatedLayer
+from .recurrent import RecurrentLM, carried_decay, carried_lags, real_positions
+
+@dataclass(frozen=True)
+class StateSpacesConfig:
+    """Hyper-parameters of `GatedStateSpacesLM`. All but `dss_kernel_lambda_imag_exp` (shapes cannot
+    tell it) and `max_seq_len` (the export's limit; upstream has none) are read from weight shapes."""
+
+    family: ClassVar[str] = "gss"
+    num_tokens: int
+    dim: int
+    depth: int
+    dss_kernel_N: int = 512
+    dss_kernel_H: int = 256
+    dim_expansion_factor: float = 4
+    dss_kernel_lambda_imag_exp: bool = True
+    max_seq_len: int = 2048
+
+    @property
+    def dim_hidden(self) -> int:
+        return int(self.dim_expansion_factor * self.dim)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+    def upstream_kwargs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "max_seq_len"}
+
+    def state_shapes(self) -> list[list]:
+        """Per layer: the state's shape, batch symbolic."""
+        return [["batch", self.dss_kernel_H, 2 * self.dss_kernel_N]] * self.depth
+
+    def conv_geometry(self) -> tuple[int, int]:
+        """(heads, head_dim) of the convolution: one kernel per channel."""
+        return self.dss_kernel_H, 1
+
+
+class DSS(nn.Module):
+    """LayerNorm, then each of the H channels convolved with its DSS kernel, plus u * D."""
+
+    def __init__(self, *, dim: int, kernel_N: int = 512, dss_kernel_lambda_imag_exp: bool = True, conv: str = "fft"):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.Lambda_real = nn.Parameter(torch.randn(kernel_N))
+        self.Lambda_imag = nn.Parameter(torch.randn(kernel_N))
+        self.C_real = nn.Parameter(torch.randn(dim, kernel_N))
+        self.C_imag = nn.Parameter(torch.randn(dim, kernel_N))
+        self.param_D = nn.Parameter(torch.randn(dim))
+        self.dss_kernel_lambda_imag_exp = dss_kernel_lambda_imag_exp
+        self.conv = make_conv(conv)
+
+    def _rates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lambda = -decay + i * freq, each (N,)."""
+        freq = self.Lambda_imag.exp() if self.dss_kernel_lambda_imag_exp else self.Lambda_imag
+        return self.Lambda_real.exp(), freq
+
+    def powers(self, count: int) -> torch.Tensor:
+        """exp(Lambda * l) for l = 0 .. count-1: (count, 2N), real parts then imaginary parts.
+
+        As exp(Lambda * B q) * exp(Lambda * r) with l = B q + r: transcendentals for N * (count / B + B)
+        values, gathered by q and r (a gather, not a slice of a padded table, keeps torch.export's
+        length symbolic).
+        """
+        block = 64
+        decay, freq = self._rates()
+        lags = torch.arange(count, device=decay.device)
+        q = torch.div(lags, block, rounding_mode="floor")
+        # one block more than needed: a table of one row would let torch.export specialise the length
+        coarse = (torch.arange(count // block + 2, device=decay.device) * block).to(decay.dtype).unsqueeze(1)
+        fine = torch.arange(block, device=decay.device).to(decay.dtype).unsqueeze(1)
+        cm, fm = torch.exp(-decay * coarse), torch.exp(-decay * fine)
+        cr, ci = (cm * torch.cos(freq * coarse))[q], (cm * torch.sin(freq * coarse))[q]  # (count, N)
+        r = lags - q * block
+        fr, fi = (fm * torch.cos(freq * fine))[r], (fm * torch.sin(freq * fine))[r]
+        return torch.cat([cr * fr - ci * fi, cr * fi + ci * fr], -1)
+
+    def readout(self) -> torch.Tensor:
+        """C' = C * (exp(Lambda) - 1) / Lambda: (H, 2N), real parts then imaginary parts."""
+        decay, freq = self._rates()
+        m = torch.exp(-decay)
+        zr, zi = m * torch.cos(freq) - 1, m * torch.sin(freq)  # exp(Lambda) - 1
+        norm2 = decay * decay + freq * freq  # z / Lambda = z * conj(Lambda) / |Lambda|^2, Lambda = -decay + i freq
+        qr, qi = (-zr * decay + zi * freq) / norm2, (-zi * decay - zr * freq) / norm2
+        return torch.cat([self.C_real * qr - self.C_imag * qi, self.C_real * qi + self.C_imag * qr], -1)
+
+    @staticmethod
+    def kernel(powers: torch.Tensor, readout: torch.Tensor, n: int) -> torch.Tensor:
+        """K[l, h] = Re(sum_n C'[h, n] exp(Lambda_n l)) for l < n: (n, H), one matrix product."""
+        modes = readout.shape[1] // 2
+        return torch.matmul(powers[:n], torch.cat([readout[:, :modes], -readout[:, modes:]], -1).t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (b, n, H) -> (b, n, H)"""
+        n = x.shape[1]
+        u = self.norm(x)
+        K = self.kernel(self.powers(n), self.readout(), n)
+        return self.conv(u.unsqueeze(-1), K.unsqueeze(0)).squeeze(-1) + u * self.param_D
+
+    def step(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """t new positions after `state`. x: (b, t, H); state: (b, H, 2N); pad: (b,) leading padding per row.
+
+        Returns out (b, t, H) and the state after the last position (b, H, 2N). Within the call the
+        kernel convolves the new inputs (direct form for a step, the layer's form for a prompt,
+        `whole=True`); the carried state adds Re(C' exp(Lambda)^lag s) at each position and is decayed
+        past the call. The cost is per token, whatever came before.
+        """
+        b, t, _ = x.shape
+        u = self.norm(x) * real_positions(pad, t, x.dtype)
+        P = self.powers(t + 1)
+        Ct = self.readout()
+        K = self.kernel(P, Ct, t).unsqueeze(0)
+        mixed = (self.conv(u.unsqueeze(-1), K) if whole else direct_causal_conv(u.unsqueeze(-1), K)).squeeze(-1)
+        modes = P.shape[1] // 2
+        sr, si = state[..., :modes], state[..., modes:]
+        cr, ci = Ct[:, :modes], Ct[:, modes:]
+        # Re(E z) with E = exp(Lambda * lag) and z = C' * s: [Er | Ei] @ [zr | -zi]^T
+        z = torch.cat([cr * sr - ci * si, -(cr * si + ci * sr)], -1)  # (b, H, 2N)
+        carried_out = torch.matmul(P[carried_lags(pad, t)], z.transpose(1, 2))  # (b, t, H)
+        d = P[carried_decay(pad, t)].unsqueeze(1)  # (b, 1, 2N)
+        dr, di = d[..., :modes], d[..., modes:]
+        carried = torch.cat([dr * sr - di * si, dr * si + di * sr], -1)
+        fresh = torch.matmul(u.transpose(1, 2), P[:t].flip(0))  # sum_m exp(Lambda (t-1-m)) u[m]: (b, H, 2N)
+        return mixed + carried_out + u * self.param_D, carried + fresh
+
+
+class GSS(GatedLayer):
+    """One gated layer with the DSS mixer; `reverse_seq` runs it over the flipped sequence."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        dim_expansion_factor: float = 4,
+        dss_kernel_N: int = 512,
+        dss_kernel_H: int = 256,
+        reverse_seq: bool = False,
+        dss_kernel_lambda_imag_exp: bool = True,
+        conv: str = "fft",
+    ):
+        super().__init__(dim=dim, width=dss_kernel_H, dim_expansion_factor=dim_expansion_factor, reverse_seq=reverse_seq)
+        self.dss = DSS(dim=dss_kernel_H, kernel_N=dss_kernel_N, dss_kernel_lambda_imag_exp=dss_kernel_lambda_imag_exp, conv=conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (b, n, dim) -> (b, n, dim)"""
+        if self.reverse_seq:
+            x = torch.flip(x, dims=(1,))
+        h = self.norm(x)
+        out = self.gated_output(h, self.dss(self.to_v(h)), x)
+        if self.reverse_seq:
+            out = torch.flip(out, dims=(1,))
+        return out
+
+    def step(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for t new positions given the state before them (see `DSS.step`); x: (b, t, dim)."""
+        self.check_causal()
+        h = self.norm(x)
+        mixed, new_state = self.dss.step(self.to_v(h), state, pad, whole)
+        return self.gated_output(h, mixed, x), new_state
+
+
+class GatedStateSpacesLM(RecurrentLM):
+    """Token embedding, `depth` GSS layers, linear head. forward: (b, n) int64 -> (b, n, num_tokens)."""
+
+    def __init__(self, config: StateSpacesConfig, conv: str = "fft"):
+        c = config
+        layers = [
+            GSS(dim=c.dim, dim_expansion_factor=c.dim_expansion_factor, dss_kernel_N=c.dss_kernel_N, dss_kernel_H=c.dss_kernel_H,
+                dss_kernel_lambda_imag_exp=c.dss_kernel_lambda_imag_exp, conv=conv)
+            for _ in range(c.depth)
+        ]
+        super().__init__(config, layers, conv)
+
+    @torch.jit.export
+    def empty_state(self, batch: int) -> list[torch.Tensor]:
+        """Zero states, per layer (batch, H, 2N); sizes, dtype and device from the weights (C_real: (H, N))."""
+        state: list[torch.Tensor] = []
+        for layer in self.layers:
+            c = layer.dss.C_real
+            state.append(c.new_zeros(batch, c.shape[0], 2 * c.shape[1]))
+        return state

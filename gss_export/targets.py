@@ -1,0 +1,151 @@
+"""The export targets, one class each, listed in one table (`TARGETS`).
+
+A target owns its file name, its tolerance and `auto` convolution form (by its name in
+`tolerances.TOLERANCES` and `conv_forms.AUTO_FORM`), its settings, how it builds and saves the
+artifact, how validation runs its forward, and how its incremental decoder is loaded. `export.py`
+drives any of them the same way: build -> compare forward -> compare the decoder -> config.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import aoti_export, decoder_export, onnx_export, pt2_export, torchscript_export
+from .conv_forms import SWITCH_FORMS, resolve_form
+from .decoder_io import describe
+from .torch_decoder import TorchDecoder
+from .validation import ValidationReport, torch_runner
+from .variant_export import save as save_onnx_file
+
+Progress = Callable[[str, int, int, str], None]
+
+
+class Target:
+    """One export format. `build` writes into `staging` and returns the main file's path."""
+
+    name: str
+    variants = False  # fp16 / int8 files (ONNX only)
+
+    def settings(self, model, *, conv: str, opset: int) -> dict:
+        raise NotImplementedError
+
+    def build(self, model, staging: Path, settings: dict, metadata: dict, *, conv: str, opset: int,
+              external_data: bool | None, decoder: bool, variant, progress: Progress) -> Path:
+        raise NotImplementedError
+
+    def forward(self, path: Path, report: ValidationReport) -> Callable[[np.ndarray], np.ndarray] | None:
+        """input_ids -> logits through the artifact; interface failures go into `report` (then None)."""
+        raise NotImplementedError
+
+    def decoder(self, staging: Path, path: Path, model, decoder: bool):
+        """(what decodes this export incrementally, the file it lives in), or None."""
+        return None
+
+
+class OnnxTarget(Target):
+    name, variants = "onnx", True
+
+    def settings(self, model, *, conv, opset):
+        return onnx_export.export_settings(model, conv=conv, opset=opset)
+
+    def build(self, model, staging, settings, metadata, *, conv, opset, external_data, decoder, variant, progress):
+        if variant is not None and resolve_form(conv, "onnx") == "switch":
+            # onnxruntime's float16 converter and quantizer rewrite the top-level graph, not If branches
+            conv = SWITCH_FORMS[1]
+            settings.update(onnx_export.export_settings(model, conv=conv, opset=opset))
+        if variant is not None:
+            settings.update(variant.settings())
+        config = metadata["model"]
+        proto = onnx_export.build_onnx(model, conv=conv, opset=opset)
+        onnx_export.annotate(proto, {**metadata, "export": settings})
+        path = staging / settings["file"]
+        save_onnx_file(proto, path, external_data, variant, settings)
+        if decoder:
+            io = describe(model.config)
+            for name, prefill, how in ((decoder_export.FILE, False, "direct"), (decoder_export.PREFILL_FILE, True, decoder_export.PREFILL_FORM)):
+                progress("export", 0, 1, f"building {name}")
+                graph = decoder_export.build_decoder(model, opset=opset, prefill=prefill)
+                onnx_export.annotate(graph, {"model": config, "export": {**settings, "file": name, "conv": how}, **io})
+                save_onnx_file(graph, staging / name, external_data, variant, settings)
+            settings["decoder"] = {"file": decoder_export.FILE, **io}
+            settings["prefill"] = {"file": decoder_export.PREFILL_FILE, "conv": decoder_export.PREFILL_FORM,
+                                   "use_above_new_tokens": decoder_export.PREFILL_ABOVE}
+        return path
+
+    def forward(self, path, report):
+        from .validation import onnx_forward
+
+        return onnx_forward(path, report)
+
+    def decoder(self, staging, path, model, decoder):
+        if not decoder:
+            return None
+        from gss_runtime.decoder import Decoder
+
+        return Decoder(staging, provider="cpu"), decoder_export.FILE
+
+
+class TorchScriptTarget(Target):
+    name = "torchscript"
+
+    def settings(self, model, *, conv, opset):
+        return torchscript_export.export_settings(model, conv=conv)
+
+    def build(self, model, staging, settings, metadata, *, conv, **_):
+        path = staging / settings["file"]
+        torchscript_export.save_torchscript(torchscript_export.build_torchscript(model, conv=conv), path, {**metadata, "export": settings})
+        return path
+
+    def forward(self, path, report):
+        scripted = torchscript_export.load_torchscript(path)
+        args = [a.name for a in scripted.forward.schema.arguments][1:]
+        if args != ["input_ids"]:
+            report.failures.append(f"forward arguments {args}, expected ['input_ids']")
+            return None
+        return torch_runner(scripted)
+
+    def decoder(self, staging, path, model, decoder):
+        scripted = torchscript_export.load_torchscript(path)
+        return TorchDecoder(scripted.step, model.config, prefill=scripted.prefill), f"{path.name} (step, prefill)"
+
+
+class Pt2Target(Target):
+    name = "pt2"
+
+    def settings(self, model, *, conv, opset):
+        return pt2_export.export_settings(model, conv=conv, fmt=self.name)
+
+    def build(self, model, staging, settings, metadata, *, conv, **_):
+        path = staging / settings["file"]
+        pt2_export.save_pt2(pt2_export.build_programs(model, conv=conv), path, {**metadata, "export": settings})
+        return path
+
+    def load(self, path: Path, program: str):
+        return pt2_export.load_pt2_program(path, program)
+
+    def forward(self, path, report):
+        return torch_runner(self.load(path, "model"))
+
+    def decoder(self, staging, path, model, decoder):
+        return TorchDecoder(self.load(path, "step"), model.config, prefill=self.load(path, "prefill")), f"{path.name} (step, prefill)"
+
+
+class AotiTarget(Pt2Target):
+    name = "aoti"
+
+    def build(self, model, staging, settings, metadata, *, conv, **_):
+        path = staging / settings["file"]
+        aoti_export.build_and_save_aoti(model, path, {**metadata, "export": settings}, conv=conv)
+        return path
+
+    def load(self, path: Path, program: str):
+        return aoti_export.load_aoti(path, program)
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), TorchScriptTarget(), Pt2Target(), AotiTarget())}
+FORMATS = tuple(TARGETS)
+
+__all__ = ["TARGETS", "FORMATS", "Target", "torch"]
