@@ -38,6 +38,7 @@ class LoadedCheckpoint:
     config: object  # the family's config dataclass
     source: str
     notes: tuple[str, ...]
+    family: str = "GatedDsConvLM"  # upstream's class name
 
 
 def _short(e: BaseException) -> str:
@@ -288,4 +289,4 @@ def load_checkpoint(path, *, max_seq_len: int = 2048, conv: str = "fft", trust_p
         model.load_state_dict(sd, strict=True, assign=True)
     except Exception as e:  # the comparison above should have caught it; keep the promise of a clean message
         raise CheckpointError(f"{path}: the weights do not load into {family.upstream_class} ({_short(e)})") from e
-    return LoadedCheckpoint(model=model.eval(), config=config, source=str(path), notes=(f"family {family.upstream_class}", *notes))
+    return LoadedCheckpoint(model=model.eval(), config=config, source=str(path), notes=tuple(notes), family=family.upstream_class)

@@ -14,16 +14,14 @@ from gss_runtime.cli_support import guarded
 
 from . import DEFAULT_OPSET
 from .errors import GSSExportError, ValidationFailed
+from .targets import FORMATS
 
 console = Console(stderr=True)
 out = Console()
 
 
-class Format(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
-    pt2 = "pt2"
-    aoti = "aoti"
+# the choices come from the table of export targets
+Format = Enum("Format", {name: name for name in FORMATS}, type=str)
 
 
 class DType(str, Enum):
@@ -60,7 +58,7 @@ def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="state dict (.pt/.pth/.bin/.ckpt) or .safetensors of a GatedDsConvLM"),
+    checkpoint: Path = typer.Argument(..., help="state dict (.pt/.pth/.bin/.ckpt) or .safetensors of a GatedDsConvLM, GatedStateSpacesLM or GatedExponentialSmoothingLM"),
     format: Format = typer.Option(Format.onnx, "--format", "-f", help="artifact to produce"),
     output: Path = typer.Option(..., "--output", "-o", help="output folder (created; replaced only by a validated export)"),
     opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset, 17-23 (20 and later run GELU as one operator)"),
@@ -73,6 +71,7 @@ def export(
     lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,16,17,64,65,100,127,128,129,1000,1024,1025 and the maximum)"),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
     decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="ONNX: also write decoder.onnx, the decoder with state for generation"),
+    lambda_imag_exp: Optional[bool] = typer.Option(None, "--lambda-imag-exp/--no-lambda-imag-exp", help="GatedStateSpacesLM: the checkpoint's dss_kernel_lambda_imag_exp, which shapes cannot tell (default: upstream's, on)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),
     dtype: DType = typer.Option(DType.fp32, "--dtype", help="ONNX: fp16 stores float16 weights and computes float16 where onnxruntime can"),
     quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="ONNX: int8 weights, activations quantized at run time (onnxruntime's tools)"),
@@ -82,7 +81,7 @@ def export(
     heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8: text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
     heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
 ) -> None:
-    """Export a GatedDsConvLM checkpoint to ONNX or TorchScript, dynamic in batch and length, validated against eager PyTorch."""
+    """Export a gated-state-spaces LM checkpoint to ONNX, TorchScript, torch.export or AOTInductor, dynamic in batch and length, validated against eager PyTorch."""
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -91,12 +90,10 @@ def export(
     kind = _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
-    loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle, dss_kernel_lambda_imag_exp=lambda_imag_exp)
     cfg = loaded.config
-    console.print(
-        f"[bold]{checkpoint}[/]: GatedDsConvLM num_tokens={cfg.num_tokens} dim={cfg.dim} depth={cfg.depth} "
-        f"heads={cfg.heads} dim_dsconv={cfg.dim_dsconv} dim_expansion_factor={cfg.dim_expansion_factor} max_seq_len={cfg.max_seq_len}"
-    )
+    sizes = " ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "family")
+    console.print(f"[bold]{checkpoint}[/]: {loaded.family} {sizes}", highlight=False)
     for note in loaded.notes:
         console.print(f"  [dim]{note}[/]")
     variant = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gss_export.model import GatedDsConvLM, GSSConfig
+from gss_export.families import GatedDsConvLM, DsConvConfig
 
 # small enough for CI, big enough to have several heads and layers
 SMALL = dict(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=32, dim_expansion_factor=2)
@@ -100,7 +100,7 @@ def upstream():
 @pytest.fixture(scope="session")
 def ours(upstream) -> GatedDsConvLM:
     """Our model carrying the upstream weights, loaded with strict=True."""
-    model = GatedDsConvLM(GSSConfig(**SMALL, max_seq_len=MAX_LEN))
+    model = GatedDsConvLM(DsConvConfig(**SMALL, max_seq_len=MAX_LEN))
     model.load_state_dict(upstream.state_dict(), strict=True)
     return model.eval()
 
@@ -169,3 +169,54 @@ def export_example(tmp_path_factory, fmt: str) -> Path:
 def example_onnx(tmp_path_factory) -> Path:
     """The bundled example exported to ONNX once per session: model.onnx, decoder.onnx, config.json."""
     return export_example(tmp_path_factory, "onnx")
+
+
+# ---- the recurrent families: small random models, exported once per session -------------------------
+FAMILY_SMALL = {
+    "gss": dict(num_tokens=256, dim=64, depth=2, dss_kernel_N=32, dss_kernel_H=48, dim_expansion_factor=2),
+    "mhesa": dict(num_tokens=256, dim=64, depth=2, heads=4, dim_mhesa=32, dim_expansion_factor=2),
+}
+FAMILY_MAX_LEN = 1100  # past 1024/1025, the monarch form's last block change below 8193
+
+
+def family_upstream(family: str):
+    """Upstream's eager model of the small `family` config, seeded random weights."""
+    from gss_export.families import FAMILIES
+
+    torch.manual_seed({"gss": 11, "mhesa": 12}[family])
+    entry = FAMILIES[family]
+    return entry.upstream(entry.config(**FAMILY_SMALL[family])).eval()
+
+
+def family_model(family: str):
+    """Ours, with the upstream weights (strict=True), max_seq_len FAMILY_MAX_LEN."""
+    from gss_export.families import FAMILIES
+
+    entry = FAMILIES[family]
+    model = entry.model(entry.config(**FAMILY_SMALL[family], max_seq_len=FAMILY_MAX_LEN))
+    model.load_state_dict(family_upstream(family).state_dict(), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def family_exports(tmp_path_factory):
+    """export(family, fmt) -> the folder of a validated export (made once per session and format)."""
+    from gss_export.export import export_model
+
+    made: dict = {}
+
+    def export(family: str, fmt: str) -> Path:
+        if (family, fmt) not in made:
+            out = tmp_path_factory.mktemp(f"{family}_{fmt}")
+            result = export_model(family_model(family), fmt, out)
+            assert result.report.ok and (result.decoder_report is None or result.decoder_report.ok)
+            made[family, fmt] = out
+        return made[family, fmt]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def family_references():
+    """family -> the 24 greedy tokens upstream eager makes after LANG_PROMPT (full recompute)."""
+    return {f: eager_greedy(family_upstream(f), LANG_PROMPT, LANG_NEW) for f in FAMILY_SMALL}

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from gss_export.checkpoint import LoadedCheckpoint, infer_config, load_checkpoint, read_state_dict
 from gss_export.errors import CheckpointError
-from gss_export.model import GSSConfig
+from gss_export.families import DsConvConfig
 
 SMALL = dict(num_tokens=256, dim=32, depth=2, heads=4, dim_dsconv=16, dim_expansion_factor=2)
 
@@ -71,7 +71,7 @@ GOOD = [
 @pytest.mark.parametrize("name,wrap,note", GOOD, ids=[g[0] for g in GOOD])
 def test_saved_forms_load_to_upstream_logits(tmp_path, upstream, sd, ids, name, wrap, note):
     loaded = load_checkpoint(save(wrap(sd), tmp_path / "ckpt.pt"))
-    assert loaded.config == GSSConfig(**SMALL, max_seq_len=2048)
+    assert loaded.config == DsConvConfig(**SMALL, max_seq_len=2048)
     assert note is None or note in loaded.notes, loaded.notes
     assert loaded.source == str(tmp_path / "ckpt.pt")
     assert_matches(loaded, upstream, ids)
@@ -109,7 +109,7 @@ def test_non_integer_expansion_factor_and_conv_forms(tmp_path, ids, conv):
     cfg = dict(SMALL, depth=3, heads=2, dim_expansion_factor=1.5)
     up = Upstream(**cfg, max_seq_len=64).eval()
     loaded = load_checkpoint(save(up.state_dict(), tmp_path / "c.pt"), max_seq_len=64, conv=conv)
-    assert loaded.config == GSSConfig(**cfg, max_seq_len=64)
+    assert loaded.config == DsConvConfig(**cfg, max_seq_len=64)
     assert loaded.model.conv_form == conv
     assert_matches(loaded, up, ids)
 
@@ -117,7 +117,7 @@ def test_non_integer_expansion_factor_and_conv_forms(tmp_path, ids, conv):
 def test_read_state_dict_and_infer_config(tmp_path, sd):
     got, notes = read_state_dict(save({"module": prefixed(sd, "_orig_mod.")}, tmp_path / "c.pt"))
     assert set(got) == set(sd) and notes == ["unwrapped 'module'", "stripped prefix '_orig_mod.'"]
-    assert infer_config(got, max_seq_len=100) == GSSConfig(**SMALL, max_seq_len=100)
+    assert infer_config(got, max_seq_len=100) == DsConvConfig(**SMALL, max_seq_len=100)
     assert isinstance(infer_config(got).dim_expansion_factor, int)
     with pytest.raises(CheckpointError, match="max_seq_len"):
         infer_config(got, max_seq_len=0)
@@ -222,8 +222,8 @@ def test_no_tensors_or_no_model_keys(tmp_path, sd):
     refused(save({"step": 3, "lr": 0.1}, tmp_path / "a.pt"), "contains no tensors", "'step'")
     refused(save({"ema": sd, "step": 3}, tmp_path / "b.pt"), "contains no tensors", "'ema'", "not a recognised nesting key")
     refused(save(torch.zeros(3), tmp_path / "c.pt"), "not a state dict")
-    refused(save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "d.pt"), "no GatedDsConvLM weights", "encoder.weight")
-    refused(save(prefixed(sd, "gss."), tmp_path / "e.pt"), "no GatedDsConvLM weights", "prefix 'gss.'")
+    refused(save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "d.pt"), "no gated-state-spaces LM weights", "encoder.weight")
+    refused(save(prefixed(sd, "gss."), tmp_path / "e.pt"), "no gated-state-spaces LM weights", "prefix 'gss.'")
 
 
 def test_missing_unexpected_and_misshapen_reported_together(tmp_path, sd):
