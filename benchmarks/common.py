@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from gss_export.model import GatedDsConvLM, GSSConfig
+from gss_export.families import GatedDsConvLM, DsConvConfig
 
 # the reference size every benchmark uses
 REFERENCE = dict(num_tokens=256, dim=512, depth=4, heads=8, dim_dsconv=512)
@@ -37,14 +37,14 @@ def reference_models(max_seq_len: int, seed: int = 0):
     from gated_state_spaces_pytorch import GatedDsConvLM as Upstream
 
     torch.manual_seed(seed)
-    cfg = GSSConfig(**REFERENCE, max_seq_len=max_seq_len)
+    cfg = DsConvConfig(**REFERENCE, max_seq_len=max_seq_len)
     upstream = Upstream(**REFERENCE, max_seq_len=max_seq_len).eval()
     ours = GatedDsConvLM(cfg)
     ours.load_state_dict(upstream.state_dict(), strict=True)
     return ours.eval(), upstream
 
 
-def matmul_flops_per_token(cfg: GSSConfig) -> int:
+def matmul_flops_per_token(cfg: DsConvConfig) -> int:
     """FLOPs of the model's matrix products per position (2 per multiply-add); the convolution excluded."""
     hidden = cfg.dim_hidden
     per_layer = cfg.dim * hidden + cfg.dim * cfg.dim_dsconv + cfg.dim_dsconv * cfg.heads + cfg.dim_dsconv * hidden + hidden * cfg.dim

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gss_export.model import GatedDsConvLM, GSSConfig
+from gss_export.families import GatedDsConvLM, DsConvConfig
 
 HERE = Path(__file__).resolve().parent
 
 
 def load_byte_lm(directory: Path = HERE / "byte_lm", conv: str = "fft") -> GatedDsConvLM:
     """The trained checkpoint, strict-loaded (upstream key names), in eval mode."""
-    config = GSSConfig(**json.loads((directory / "training.json").read_text())["config"])
+    config = DsConvConfig(**json.loads((directory / "training.json").read_text())["config"])
     model = GatedDsConvLM(config, conv=conv)
     model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
     return model.eval()

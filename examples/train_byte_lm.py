@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # byte_corpus, when run as a script
 from byte_corpus import corpus_bytes, load_corpus  # noqa: E402
 
-from gss_export.model import GatedDsConvLM, GSSConfig  # noqa: E402
+from gss_export.families import GatedDsConvLM, DsConvConfig  # noqa: E402
 
-CONFIG = GSSConfig(num_tokens=256, dim=128, depth=3, heads=4, dim_dsconv=128,
+CONFIG = DsConvConfig(num_tokens=256, dim=128, depth=3, heads=4, dim_dsconv=128,
                    dim_expansion_factor=2, max_seq_len=2048)
 
 
