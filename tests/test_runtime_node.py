@@ -1,6 +1,7 @@
 """runtime/node/generate.js (onnxruntime-node) against upstream eager, and its handling of bad arguments."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, require
+from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "runtime" / "node"
 GENERATE = NODE_DIR / "generate.js"
+FAMILIES = ("gss", "mhesa")  # the recurrent ones, beside the example's dsconv
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +38,14 @@ def ids(values) -> str:
 def test_node_greedy_matches_eager(node, example_onnx, lang_reference):
     proc = generate(node, example_onnx, "--prompt-ids", ids(LANG_PROMPT), "--max-new-tokens", LANG_NEW, "--threads", 2)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout) == {"tokens": lang_reference, "prompt": "step"}
+    assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout) == {"tokens": lang_reference, "prompt": "step", "family": "dsconv"}
 
 
 def test_node_long_prompt_goes_through_prefill(node, example_onnx, long_reference):
     """A 300-token prompt goes through prefill.onnx in one call: the same tokens as eager."""
     proc = generate(node, example_onnx, "--prompt-ids", ids(LONG_PROMPT), "--max-new-tokens", LANG_NEW)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"tokens": long_reference, "prompt": "prefill"}
+    assert json.loads(proc.stdout) == {"tokens": long_reference, "prompt": "prefill", "family": "dsconv"}
 
 
 def test_node_without_prefill_chunks_the_prompt(node, example_onnx, tmp_path):
@@ -63,7 +65,39 @@ def test_node_without_prefill_chunks_the_prompt(node, example_onnx, tmp_path):
     want = Generator(old, provider="cpu").generate(prompt, 8).tokens[0]
     proc = generate(node, old, "--prompt-ids", ids(prompt), "--max-new-tokens", 8)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"tokens": want, "prompt": "step"}
+    assert json.loads(proc.stdout) == {"tokens": want, "prompt": "step", "family": "dsconv"}
+
+
+@functools.cache
+def family_eager(family: str, prompt: tuple, new: int) -> list[int]:
+    return eager_greedy(family_upstream(family), prompt, new)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_family_greedy_matches_eager(family, node, family_exports, family_references):
+    """A recurrent family's state (replaced by each call, read from config.json): the same tokens as eager."""
+    proc = generate(node, family_exports(family, "onnx"), "--prompt-ids", ids(LANG_PROMPT), "--max-new-tokens", LANG_NEW,
+                    "--threads", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"tokens": family_references[family], "prompt": "step", "family": family}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_family_long_prompt_goes_through_prefill(family, node, family_exports):
+    proc = generate(node, family_exports(family, "onnx"), "--prompt-ids", ids(LONG_PROMPT), "--max-new-tokens", LANG_NEW)
+    assert proc.returncode == 0, proc.stderr
+    want = family_eager(family, tuple(LONG_PROMPT), LANG_NEW)
+    assert json.loads(proc.stdout) == {"tokens": want, "prompt": "prefill", "family": family}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_family_context_beyond_max_seq_len(family, node, family_exports):
+    """A recurrent state has no limit on the context: a prompt longer than max_seq_len goes through
+    prefill.onnx in calls of at most max_seq_len tokens, and the tokens after it are still eager's."""
+    prompt = np.random.default_rng(5).integers(0, 256, FAMILY_MAX_LEN + 50).tolist()
+    proc = generate(node, family_exports(family, "onnx"), "--prompt-ids", ids(prompt), "--max-new-tokens", 8)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"tokens": family_eager(family, tuple(prompt), 8), "prompt": "prefill", "family": family}
 
 
 BAD = {

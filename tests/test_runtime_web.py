@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, require
+from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "runtime" / "web"
 CHROMIUM = Path("/usr/bin/chromium")
+FAMILIES = ("gss", "mhesa")  # the recurrent ones, beside the example's dsconv
 
 
 @pytest.fixture(scope="session")
@@ -27,19 +28,35 @@ def node() -> str:
     return shutil.which("node")
 
 
-@pytest.fixture(scope="module")
-def page_url(node, example_onnx):
-    """The page served on 127.0.0.1 (any free port) by runtime/web/serve.py, the exported example at /model/."""
+def serve(model_dir: Path):
+    """The page served on 127.0.0.1 (any free port) by runtime/web/serve.py, model_dir at /model/; yields its URL."""
     spec = importlib.util.spec_from_file_location("gss_web_serve", WEB_DIR / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
-    server = serve.make_server(example_onnx)
+    server = serve.make_server(model_dir)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/web/?model=/model/"
     server.shutdown()
     server.server_close()
     thread.join()
+
+
+@pytest.fixture(scope="module")
+def page_url(node, example_onnx):
+    """The page with the exported example at /model/."""
+    yield from serve(example_onnx)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_page_url(node, family_exports, family):
+    """The page with the small `family` export at /model/."""
+    yield from serve(family_exports(family, "onnx"))
 
 
 def drive(node: str, url: str, screenshot: Path, *args: str) -> dict:
@@ -64,7 +81,7 @@ def test_web_page_greedy_matches_eager(node, page_url, lang_reference, tmp_path)
     assert set(range(1, LANG_NEW + 1)) <= set(result["counts"])  # each token was shown as it came
     assert result["text"] == bytes(LANG_PROMPT + lang_reference).decode("utf-8", "replace")
     assert result["errors"] == []
-    assert result["prompt"] == "step"
+    assert result["prompt"] == "step" and result["family"] == "dsconv"
     check_png(shot)
 
 
@@ -74,6 +91,25 @@ def test_web_page_long_prompt_goes_through_prefill(node, page_url, long_referenc
                    "--max-new-tokens", str(LANG_NEW))
     assert result["state"] == "done", result["status"]
     assert result["tokens"] == long_reference and result["prompt"] == "prefill"
+
+
+def test_web_page_family_greedy_matches_eager(family, family_page_url, node, family_references, tmp_path):
+    """A recurrent family's state (replaced by each call, read from config.json): the same tokens as eager."""
+    result = drive(node, family_page_url, tmp_path / f"web_{family}.png", "--prompt", bytes(LANG_PROMPT).decode(),
+                   "--max-new-tokens", str(LANG_NEW))
+    assert result["state"] == "done", result["status"]
+    assert result["tokens"] == family_references[family]
+    assert set(range(1, LANG_NEW + 1)) <= set(result["counts"])
+    assert result["errors"] == []
+    assert result["prompt"] == "step" and result["family"] == family
+
+
+def test_web_page_family_long_prompt_goes_through_prefill(family, family_page_url, node, tmp_path):
+    result = drive(node, family_page_url, tmp_path / f"web_{family}_long.png", "--prompt", ",".join(map(str, LONG_PROMPT)),
+                   "--ids", "--max-new-tokens", str(LANG_NEW))
+    assert result["state"] == "done", result["status"]
+    assert result["tokens"] == eager_greedy(family_upstream(family), LONG_PROMPT, LANG_NEW)
+    assert result["prompt"] == "prefill" and result["family"] == family
 
 
 # the checks themselves are shared with generate.js (tested there): here, that the page shows them

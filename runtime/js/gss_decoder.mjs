@@ -3,16 +3,24 @@
 //
 // It does not import onnxruntime: the caller passes its `ort` namespace (onnxruntime-node or -web) and a
 // `load(name)` function returning a file of the model folder as bytes, so the same loop runs in both.
-// Same algorithm as runtime/gss_runtime/decoder.py (batch 1): the state is slot-major (slots, 1, width)
-// per layer; the graph returns only the new slots' entries and we append them to preallocated buffers,
-// handing the filled part back as a subarray view (nothing is copied that grows with the context).
-// A prompt of more than PREFILL_ABOVE tokens goes through prefill.onnx in one call (same interface; its
-// convolution runs the full-sequence form over every slot, the cost of one forward of the prompt);
-// exports without prefill.onnx take it in chunks through decoder.onnx.
+// Same algorithm as runtime/gss_runtime/decoder.py (batch 1). config.json's export.decoder says which of two
+// kinds of state the family carries, with the state's names and shapes:
+// - "append" (GatedDsConvLM): the state is slot-major (slots, 1, width) per layer; the graph returns only the
+//   new slots' entries and we append them to preallocated buffers, handing the filled part back as a
+//   subarray view (nothing is copied that grows with the context). The context is limited by max_seq_len.
+// - "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): per layer one tensor of a fixed shape,
+//   batch first, which the graph returns whole and which replaces the old one; it starts from zeros and the
+//   context is unlimited (only one call's new tokens are limited by max_seq_len).
+// A prompt of more than PREFILL_ABOVE tokens goes through prefill.onnx (same interface; it runs the
+// full-sequence form, the cost of one forward of the prompt); exports without prefill.onnx take it in
+// chunks through decoder.onnx.
 
-export const PREFILL_ABOVE = 128; // as gss_runtime.decoder.PREFILL_ABOVE
+export const PREFILL_ABOVE = 128; // as gss_runtime.decoder.PREFILL_ABOVE; config.json's export.prefill says it too
 export const PREFILL_CHUNK = 256; // without prefill.onnx: keeps each chunk's kernel taps cache-sized (see decoder.py)
-const CONFIG_KEYS = ['num_tokens', 'dim', 'depth', 'heads', 'dim_dsconv', 'max_seq_len'];
+const CONFIG_KEYS = ['num_tokens', 'dim', 'depth', 'max_seq_len'];
+// what only the dsconv family's config has (its state's widths, for exports whose config.json lists no state)
+const FAMILY_KEYS = { dsconv: ['heads', 'dim_dsconv'], gss: [], mhesa: [] };
+const STATE_KINDS = ['append', 'replace'];
 
 /** A bad argument, model folder or prompt: callers show `message` (no stack) and stop. */
 export class GssInputError extends Error {
@@ -78,23 +86,36 @@ export class GssDecoder {
     } catch (e) {
       throw new GssInputError(`config.json is not valid JSON: ${e.message}`);
     }
-    const missing = CONFIG_KEYS.filter((k) => !Number.isInteger(config?.[k]));
+    const family = config?.family ?? 'dsconv'; // exports made before there were three families lack it
+    if (!Object.hasOwn(FAMILY_KEYS, family)) {
+      throw new GssInputError(
+        `config.json names model.family ${JSON.stringify(family)}; this runtime knows ${Object.keys(FAMILY_KEYS).join(', ')}`,
+      );
+    }
+    const missing = [...CONFIG_KEYS, ...FAMILY_KEYS[family]].filter((k) => !Number.isInteger(config?.[k]));
     if (missing.length) throw new GssInputError(`config.json lacks model.${missing.join(', model.')}; export with gss-export`);
+    const model = { ...config, family };
+    stateSpec(model, exported?.decoder); // a config.json without a usable state fails before the slow part
     const session = await openSession(ort, load, 'decoder.onnx', sessionOptions);
     const prefillFile = exported?.prefill?.file;
     const prefill = prefillFile ? await openSession(ort, load, prefillFile, sessionOptions) : null;
-    return new GssDecoder(ort, session, config, prefill);
+    return new GssDecoder(ort, session, model, prefill, exported);
   }
 
-  constructor(ort, session, config, prefill = null) {
+  /** config: config.json's "model"; exported: its "export" (the state's kind, names and shapes, the prefill threshold). */
+  constructor(ort, session, config, prefill = null, exported = {}) {
     this.ort = ort;
     this.session = session;
     this.prefill = prefill;
-    this.config = config;
-    const layers = [...Array(config.depth).keys()];
-    this.pastNames = [...layers.map((i) => `past_u.${i}`), ...layers.map((i) => `past_k.${i}`)];
-    this.newNames = [...layers.map((i) => `new_u.${i}`), ...layers.map((i) => `new_k.${i}`)];
-    this.widths = [...layers.map(() => config.dim_dsconv), ...layers.map(() => config.heads)];
+    this.config = { family: 'dsconv', ...config };
+    this.family = this.config.family;
+    ({ kind: this.kind, pastNames: this.pastNames, newNames: this.newNames, shapes: this.shapes } = stateSpec(
+      this.config,
+      exported?.decoder,
+    ));
+    this.sizes = this.shapes.map((shape) => shape.reduce((n, d) => n * d, 1)); // floats per row (per slot if appended)
+    const above = exported?.prefill?.use_above_new_tokens;
+    this.prefillAbove = Number.isInteger(above) ? above : PREFILL_ABOVE;
     const want = [['input_ids', 'pad', ...this.pastNames], ['logits', ...this.newNames]];
     for (const [name, s] of [['decoder.onnx', session], ['prefill.onnx', prefill]]) {
       if (s && (String(s.inputNames) !== String(want[0]) || String(s.outputNames) !== String(want[1]))) {
@@ -106,6 +127,11 @@ export class GssDecoder {
     }
   }
 
+  /** Whether prompt + new tokens are limited by max_seq_len (an appended state); a recurrent one only limits each call. */
+  get bounded() {
+    return this.kind === 'append';
+  }
+
   /** Throws GssInputError unless promptIds / maxNewTokens fit this model. */
   check(promptIds, maxNewTokens) {
     checkIds(promptIds, this.config.num_tokens);
@@ -113,7 +139,7 @@ export class GssDecoder {
       throw new GssInputError(`max new tokens must be a positive integer, got ${maxNewTokens}`);
     }
     const total = promptIds.length + maxNewTokens;
-    if (total > this.config.max_seq_len) {
+    if (this.bounded && total > this.config.max_seq_len) {
       throw new GssInputError(
         `prompt (${promptIds.length} tokens) + max new tokens (${maxNewTokens}) = ${total} exceeds ` +
           `the model's max_seq_len ${this.config.max_seq_len}`,
@@ -124,19 +150,14 @@ export class GssDecoder {
   /** Greedy ids after promptIds (prompt excluded); `await onToken(id, index)` sees each as it is made. */
   async generate(promptIds, maxNewTokens, onToken = null) {
     this.check(promptIds, maxNewTokens);
-    // one zero padding slot first: onnxruntime dies (SIGFPE) on a zero-length past; pad = [1] says
-    // position 0 is at slot 1, so that slot is never read. Capacity for everything that will be fed.
-    const capacity = 1 + promptIds.length + maxNewTokens;
-    const state = { filled: 1, buffers: this.widths.map((w) => new Float32Array(capacity * w)) };
+    const state = this.#emptyState(promptIds.length + maxNewTokens);
+    const whole = this.prefill !== null && promptIds.length > this.prefillAbove;
+    this.promptPath = whole ? 'prefill' : 'step';
+    // one call takes at most max_seq_len new tokens: only a recurrent state's prompt can be longer than that
+    const chunk = Math.min(whole ? Infinity : PREFILL_CHUNK, this.config.max_seq_len);
     let logits;
-    if (this.prefill && promptIds.length > PREFILL_ABOVE) {
-      this.promptPath = 'prefill';
-      logits = await this.#feed(promptIds, state, this.prefill);
-    } else {
-      this.promptPath = 'step';
-      for (let start = 0; start < promptIds.length; start += PREFILL_CHUNK) {
-        logits = await this.#feed(promptIds.slice(start, start + PREFILL_CHUNK), state);
-      }
+    for (let start = 0; start < promptIds.length; start += chunk) {
+      logits = await this.#feed(promptIds.slice(start, start + chunk), state, whole ? this.prefill : this.session);
     }
     const tokens = [];
     for (;;) {
@@ -148,23 +169,78 @@ export class GssDecoder {
     }
   }
 
-  /** Feed ids for the next slots through `session`, append their state entries; the logits after the last id. */
+  /** The state before any token, with room for `tokens` more if it grows. */
+  #emptyState(tokens) {
+    if (this.kind === 'replace') return { arrays: this.sizes.map((n) => new Float32Array(n)) }; // zeros
+    // one zero padding slot first: onnxruntime dies (SIGFPE) on a zero-length past; pad = [1] says
+    // position 0 is at slot 1, so that slot is never read. Capacity for everything that will be fed.
+    const capacity = 1 + tokens;
+    return { filled: 1, buffers: this.sizes.map((w) => new Float32Array(capacity * w)) };
+  }
+
+  /** Feed ids through `session` and update the state with what it returns; the logits after the last id. */
   async #feed(ids, state, session = this.session) {
     const { Tensor } = this.ort;
+    const append = this.kind === 'append';
     const feeds = {
       input_ids: new Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
-      pad: new Tensor('int64', BigInt64Array.of(1n), [1]),
+      // appended: the slot of position 0 (after the padding slot); recurrent: this call's leading
+      // padding positions, none for a single row
+      pad: new Tensor('int64', BigInt64Array.of(append ? 1n : 0n), [1]),
     };
     this.pastNames.forEach((name, i) => {
-      const w = this.widths[i];
-      feeds[name] = new Tensor('float32', state.buffers[i].subarray(0, state.filled * w), [state.filled, 1, w]);
+      feeds[name] = append
+        ? new Tensor('float32', state.buffers[i].subarray(0, state.filled * this.sizes[i]), [state.filled, 1, ...this.shapes[i]])
+        : new Tensor('float32', state.arrays[i], [1, ...this.shapes[i]]);
     });
     const out = await session.run(feeds);
-    this.newNames.forEach((name, i) => state.buffers[i].set(out[name].data, state.filled * this.widths[i]));
-    state.filled += ids.length;
+    if (append) {
+      this.newNames.forEach((name, i) => state.buffers[i].set(out[name].data, state.filled * this.sizes[i]));
+      state.filled += ids.length;
+    } else {
+      this.newNames.forEach((name, i) => (state.arrays[i] = out[name].data)); // the whole state after this call
+    }
     const vocab = this.config.num_tokens;
     return out.logits.data.subarray((ids.length - 1) * vocab, ids.length * vocab);
   }
+}
+
+/**
+ * The decoder's state from config.json's export.decoder: {kind, pastNames, newNames, shapes}, where
+ * shapes[i] is state tensor i's shape without its batch axis (appended: without its slot axis either).
+ */
+function stateSpec(config, decoder) {
+  const kind = decoder?.state ?? 'append'; // absent in exports made before the recurrent families
+  if (!STATE_KINDS.includes(kind)) {
+    throw new GssInputError(`config.json's export.decoder.state is ${JSON.stringify(kind)}; this runtime knows ${STATE_KINDS.join(', ')}`);
+  }
+  if (!Array.isArray(decoder?.inputs) || !Array.isArray(decoder?.outputs)) {
+    if (kind !== 'append' || config.family !== 'dsconv') {
+      throw new GssInputError("config.json lacks export.decoder's inputs and outputs; re-export with gss-export --format onnx");
+    }
+    // dsconv's names and widths, as every export of it has them
+    const layers = [...Array(config.depth).keys()];
+    return {
+      kind,
+      pastNames: [...layers.map((i) => `past_u.${i}`), ...layers.map((i) => `past_k.${i}`)],
+      newNames: [...layers.map((i) => `new_u.${i}`), ...layers.map((i) => `new_k.${i}`)],
+      shapes: [...layers.map(() => [config.dim_dsconv]), ...layers.map(() => [config.heads])],
+    };
+  }
+  const past = decoder.inputs.slice(2);
+  const fresh = decoder.outputs.slice(1);
+  const axes = kind === 'append' ? 2 : 1; // (context, batch, ...) or (batch, ...)
+  const shapes = past.map((t) => {
+    const fixed = Array.isArray(t?.shape) ? t.shape.slice(axes) : null;
+    if (typeof t?.name !== 'string' || !fixed?.length || !fixed.every((d) => Number.isInteger(d) && d > 0)) {
+      throw new GssInputError(`config.json's export.decoder.inputs has a state without a name and fixed sizes: ${JSON.stringify(t)}`);
+    }
+    return fixed;
+  });
+  if (fresh.length !== past.length) {
+    throw new GssInputError(`config.json's export.decoder lists ${past.length} state inputs but ${fresh.length} state outputs`);
+  }
+  return { kind, pastNames: past.map((t) => t.name), newNames: fresh.map((t) => t?.name), shapes };
 }
 
 /** Index of the largest value; ties -> the lowest index (as numpy / torch argmax). */

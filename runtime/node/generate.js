@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Greedy generation from a gss-export folder on onnxruntime-node: prints {"tokens":[...]} (generated ids only).
+// Greedy generation from a gss-export folder on onnxruntime-node: prints {"tokens":[...], ...} (generated ids only).
 import { existsSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -11,10 +11,12 @@ const USAGE = `usage: node generate.js MODEL_DIR --prompt-ids 1,2,3 --max-new-to
 
   MODEL_DIR            a folder written by gss-export --format onnx (decoder.onnx, config.json)
   --prompt-ids IDS     comma-separated token ids, each in [0, num_tokens)
-  --max-new-tokens N   how many tokens to generate (prompt + N <= max_seq_len)
+  --max-new-tokens N   how many tokens to generate (dsconv: prompt + N <= max_seq_len; the recurrent
+                       families gss and mhesa have no such limit)
   --threads N          onnxruntime intra-op threads (default: onnxruntime's choice)
 
-Prints one JSON line to stdout: {"tokens":[...]} with the greedily generated ids (prompt excluded).`;
+Prints one JSON line to stdout: {"tokens":[...],"prompt":"step"|"prefill","family":"dsconv"|"gss"|"mhesa"}:
+the greedily generated ids (prompt excluded), the graph the prompt went through, and the model's family.`;
 
 class UsageError extends GssInputError {}
 
@@ -74,7 +76,7 @@ async function main(args) {
   const decoder = await GssDecoder.open(ort, load, sessionOptions);
   const promptIds = parseIds(options.promptIds, decoder.config.num_tokens);
   const tokens = await decoder.generate(promptIds, options.maxNewTokens);
-  process.stdout.write(JSON.stringify({ tokens, prompt: decoder.promptPath }) + '\n');
+  process.stdout.write(JSON.stringify({ tokens, prompt: decoder.promptPath, family: decoder.family }) + '\n');
   return 0;
 }
 

@@ -66,6 +66,7 @@ async function generate() {
     const seconds = (performance.now() - start) / 1000;
     $('tokens').textContent = JSON.stringify(tokens);
     document.body.dataset.prompt = decoder.promptPath; // "prefill" (one call) or "step" (chunks)
+    document.body.dataset.family = decoder.family; // "dsconv", "gss" or "mhesa"
     setState('done', `Done: ${tokens.length} tokens in ${seconds.toFixed(2)} s (${(tokens.length / seconds).toFixed(1)} tokens/s).`);
   } catch (e) {
     setState('error', e instanceof GssInputError ? e.message : `Error: ${e?.message ?? e}`);

@@ -1,6 +1,6 @@
 // Drive the page in headless Chromium: fill the form, press Generate, wait until it is done, screenshot.
 // usage: node test/drive.mjs PAGE_URL SCREENSHOT.png --prompt TEXT [--ids] --max-new-tokens N
-// Prints one JSON line: {state, status, tokens, text, counts, prompt, errors}; `counts` are the token counts the
+// Prints one JSON line: {state, status, tokens, text, counts, prompt, family, errors}; `counts` are the token counts the
 // page showed while generating (each one seen proves tokens appeared one by one).
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
@@ -50,6 +50,7 @@ try {
     text: document.getElementById('output').textContent,
     counts: window.seenCounts,
     prompt: document.body.dataset.prompt ?? null,
+    family: document.body.dataset.family ?? null,
   }));
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ ...result, errors }));
