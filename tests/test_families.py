@@ -176,3 +176,20 @@ def test_torch_free_generation_equals_eager(family, family_exports):
     assert res["ragged"] == [res["alone"][k] for k in prompts]  # a ragged batch equals its solo runs
     assert res["sampled"][0] == res["sampled"][1] == res["sampled_batch"]  # seeded: reproducible, alone or batched
     assert res["state_bytes"][0] == res["state_bytes"][1] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES_NEW)
+def test_gss_run_generates_past_max_seq_len(family, family_exports):
+    """gss-run drives every family; a recurrent state has no context limit, only each call's length does."""
+    import subprocess
+    import sys
+
+    out = family_exports(family, "onnx")
+    prompt = np.random.default_rng(4).integers(0, 256, FAMILY_MAX_LEN + 50).tolist()  # longer than one call may be
+    cmd = [sys.executable, "-m", "gss_runtime.cli", str(out), "--prompt-ids", ",".join(map(str, prompt)),
+           "--max-new-tokens", "30", "--json", "--provider", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)
+    assert res["family"] == family and res["stop_reason"] == "max_new_tokens"
+    assert res["tokens"] == eager_greedy(family_upstream(family), prompt, 30)

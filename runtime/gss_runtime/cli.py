@@ -136,7 +136,7 @@ def run(
     generator = Generator(model, provider=provider, threads=threads)
     _check_text_prompt(generator.config["num_tokens"], prompt is not None)
     byte_level = generator.config["num_tokens"] == BYTE_VOCAB
-    check_ids(ids, generator.config, one_sequence=True)  # before anything is printed
+    generator.decoder.check_prompt(ids)  # before anything is printed
     options = dict(
         sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres),
         seed=seed, eos_id=eos_id, stop_sequences=_stop_sequences(stop, byte_level), on_limit=on_limit,
@@ -145,6 +145,7 @@ def run(
         result = generator.generate(ids, max_new_tokens, **options)
         made = result.tokens[0]
         print(json.dumps({
+            "family": generator.config["family"],
             "prompt_ids": ids,
             "tokens": made,
             "text": bytes(made).decode("utf-8", errors="replace") if byte_level else None,

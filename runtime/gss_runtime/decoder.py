@@ -206,20 +206,29 @@ class Decoder:
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecoderState]:
         """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state.
 
-        With prefill.onnx the prompts go in one call at full-sequence cost; without it, in chunks.
+        With prefill.onnx the prompts go in one call at full-sequence cost; without it, in chunks. A
+        recurrent state has no limit on the context, so its prompts may exceed max_seq_len: they go in
+        calls of max_seq_len tokens.
         """
         if len(prompts) == 0:
             raise RuntimeInputError("no prompts given")
-        rows = [check_ids(p, self.config, one_sequence=True)[0] for p in prompts]
+        rows = [self.check_prompt(p) for p in prompts]
         longest = max(len(r) for r in rows)
         padded = np.zeros((len(rows), longest), np.int64)
         for i, r in enumerate(rows):
             padded[i, longest - len(r) :] = r
         state = self.empty_state([longest - len(r) for r in rows])
         chunk = longest if self.prefill_session is not None else PREFILL_CHUNK
+        if not self.bounded:
+            chunk = min(chunk, self.config["max_seq_len"])
         for start in range(0, longest, chunk):
             logits, state = self.feed(padded[:, start : start + chunk], state)
         return logits[:, -1], state
+
+    def check_prompt(self, prompt) -> np.ndarray:
+        """One prompt's ids, checked: (n,) int64. Past max_seq_len only for an appended state."""
+        limits = self.config if self.bounded else {**self.config, "max_seq_len": len(prompt) if hasattr(prompt, "__len__") else 0}
+        return check_ids(prompt, limits, one_sequence=True)[0]
 
     def step(self, tokens, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
         """One new token per row (b,) -> logits (b, num_tokens) for the token after it, and the state."""
