@@ -20,7 +20,7 @@ def exported(tmp_path_factory):
 def test_example_exports_and_validates(exported):
     out, proc = exported
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == {"num_tokens": 256, "dim": 128, "depth": 3, "heads": 4, "dim_dsconv": 128,
+    assert config["model"] == {"family": "dsconv", "num_tokens": 256, "dim": 128, "depth": 3, "heads": 4, "dim_dsconv": 128,
                                "dim_expansion_factor": 2, "max_seq_len": 2048}
     rows = config["validation"]["rows"]
     assert config["validation"]["ok"] and {r["length"] for r in rows} >= {1, 2, 7, 127, 128, 129, 1000, 2048}
@@ -48,3 +48,30 @@ def test_readme_generation_makes_documentation_like_text(exported):
     # greedy bytes from a model trained on the Python docs: mostly lowercase words separated by spaces
     words = text.split()
     assert len(words) >= 10 and sum(w.isascii() for w in words) == len(words), text
+
+
+GSS_EXAMPLE = EXAMPLE.parent.parent / "byte_gss" / "model.safetensors"
+
+
+def test_gss_example_exports_and_generates_like_upstream(tmp_path):
+    """The bundled GatedStateSpacesLM: validated export, and gss-run's greedy bytes equal upstream eager's
+    full recompute."""
+    import torch
+    from gated_state_spaces_pytorch import GatedStateSpacesLM
+    from safetensors.torch import load_file
+
+    from conftest import eager_greedy
+
+    proc = subprocess.run(["gss-export", GSS_EXAMPLE, "--output", tmp_path], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "GatedStateSpacesLM" in proc.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"] == {"family": "gss", "num_tokens": 256, "dim": 128, "depth": 3, "dss_kernel_N": 64, "dss_kernel_H": 128,
+                               "dim_expansion_factor": 2, "dss_kernel_lambda_imag_exp": True, "max_seq_len": 2048}
+    assert config["validation"]["ok"] and config["decoder_validation"]["ok"]
+    result = run_json(tmp_path, "--max-new-tokens", "60")
+    upstream = GatedStateSpacesLM(num_tokens=256, dim=128, depth=3, dss_kernel_N=64, dss_kernel_H=128, dim_expansion_factor=2).eval()
+    upstream.load_state_dict(load_file(str(GSS_EXAMPLE)), strict=True)
+    torch.manual_seed(0)
+    assert result["tokens"] == eager_greedy(upstream, list(b"The for statement"), 60)
+    assert result["text"].startswith(" is used for")  # a trained model: documentation-like text
