@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLE, RTOL, SMALL, eager_greedy, max_errors
-from gss_export.model import GatedDsConvLM, GSSConfig
+from gss_export.families import GatedDsConvLM, DsConvConfig
 from gss_export.monarch import monarch_sizes
 from gss_runtime.decoder import Decoder
 from gss_runtime.generate import Generator
@@ -39,7 +39,7 @@ def long_models(tmp_path_factory):
 
     torch.manual_seed(1)
     upstream = Upstream(**SMALL, max_seq_len=LONG_MAX).eval()
-    ours = GatedDsConvLM(GSSConfig(**SMALL, max_seq_len=LONG_MAX))
+    ours = GatedDsConvLM(DsConvConfig(**SMALL, max_seq_len=LONG_MAX))
     ours.load_state_dict(upstream.state_dict(), strict=True)
     out = tmp_path_factory.mktemp("long_onnx")
     export_model(ours.eval(), "onnx", out, validate=False)
@@ -130,7 +130,7 @@ def test_export_memory_grows_linearly_with_max_seq_len(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = GatedDsConvLM(GSSConfig(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=64, dim_expansion_factor=2))
+    model = GatedDsConvLM(DsConvConfig(num_tokens=256, dim=64, depth=2, heads=4, dim_dsconv=64, dim_expansion_factor=2))
     ckpt = tmp_path / "small.safetensors"
     save_file(model.state_dict(), str(ckpt))
     exe = [sys.executable, "-c", "from gss_export.cli import main; main()"]

@@ -16,11 +16,11 @@ from onnx import TensorProto, helper
 
 from conftest import run_without_torch
 from gss_export.export import export_model
-from gss_export.model import GatedDsConvLM, GSSConfig
+from gss_export.families import GatedDsConvLM, DsConvConfig
 from gss_runtime import GSSRunner, RuntimeInputError
 from gss_runtime.cli import main
 
-CONFIG = GSSConfig(num_tokens=256, dim=32, depth=2, heads=4, dim_dsconv=16, max_seq_len=64)
+CONFIG = DsConvConfig(num_tokens=256, dim=32, depth=2, heads=4, dim_dsconv=16, max_seq_len=64)
 RTOL = 1e-4  # of max |logit|, as in test_export_parity
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
