@@ -6,18 +6,18 @@ Parameter names match upstream exactly (`token_emb`, `layers.{i}.to_u.0`, `layer
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..conv_forms import causal_conv_step, continuation_inputs, make_conv
-from .gated import GatedLayer, GatedLM
+from .gated import FamilyConfig, GatedLayer, GatedLM
 
 
 @dataclass(frozen=True)
-class DsConvConfig:
+class DsConvConfig(FamilyConfig):
     """Hyper-parameters of `GatedDsConvLM`; all but `max_seq_len` are readable from weight shapes."""
 
     family: ClassVar[str] = "dsconv"
@@ -29,15 +29,6 @@ class DsConvConfig:
     dim_expansion_factor: float = 4
     max_seq_len: int = 2048
 
-    @property
-    def dim_hidden(self) -> int:
-        return int(self.dim_expansion_factor * self.dim)
-
-    def to_dict(self) -> dict:
-        return {"family": self.family, **asdict(self)}
-
-    def upstream_kwargs(self) -> dict:
-        return asdict(self)
 
     def conv_geometry(self) -> tuple[int, int]:
         """(heads, head_dim) of the convolution."""
@@ -110,15 +101,9 @@ class GatedDsConv(GatedLayer):
         assert dim_dsconv % heads == 0
         self.dsconv = EfficientDsConv(dim=dim_dsconv, heads=heads, conv=conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (b, n, dim) -> (b, n, dim)"""
-        if self.reverse_seq:
-            x = torch.flip(x, dims=(1,))
-        h = self.norm(x)
-        out = self.gated_output(h, self.dsconv(self.to_v(h)), x)
-        if self.reverse_seq:
-            out = torch.flip(out, dims=(1,))
-        return out
+    def mix(self, v: torch.Tensor) -> torch.Tensor:
+        """v: (b, n, width) -> (b, n, width), the whole sequence"""
+        return self.dsconv(v)
 
     def step(
         self, x: torch.Tensor, u_past: torch.Tensor, k_past: torch.Tensor, pad: torch.Tensor, whole: bool = False

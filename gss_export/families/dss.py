@@ -15,18 +15,18 @@ type) runs the same code. Parameter names are upstream's, so checkpoints load wi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..conv_forms import direct_causal_conv, make_conv
-from .gated import GatedLayer
+from .gated import FamilyConfig, GatedLayer
 from .recurrent import RecurrentLM, carried_decay, carried_lags, real_positions
 
 @dataclass(frozen=True)
-class StateSpacesConfig:
+class StateSpacesConfig(FamilyConfig):
     """Hyper-parameters of `GatedStateSpacesLM`. All but `dss_kernel_lambda_imag_exp` (shapes cannot
     tell it) and `max_seq_len` (the export's limit; upstream has none) are read from weight shapes."""
 
@@ -40,15 +40,6 @@ class StateSpacesConfig:
     dss_kernel_lambda_imag_exp: bool = True
     max_seq_len: int = 2048
 
-    @property
-    def dim_hidden(self) -> int:
-        return int(self.dim_expansion_factor * self.dim)
-
-    def to_dict(self) -> dict:
-        return {"family": self.family, **asdict(self)}
-
-    def upstream_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "max_seq_len"}
 
     def state_shapes(self) -> list[list]:
         """Per layer: the state's shape, batch symbolic."""
@@ -164,15 +155,9 @@ class GSS(GatedLayer):
         super().__init__(dim=dim, width=dss_kernel_H, dim_expansion_factor=dim_expansion_factor, reverse_seq=reverse_seq)
         self.dss = DSS(dim=dss_kernel_H, kernel_N=dss_kernel_N, dss_kernel_lambda_imag_exp=dss_kernel_lambda_imag_exp, conv=conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (b, n, dim) -> (b, n, dim)"""
-        if self.reverse_seq:
-            x = torch.flip(x, dims=(1,))
-        h = self.norm(x)
-        out = self.gated_output(h, self.dss(self.to_v(h)), x)
-        if self.reverse_seq:
-            out = torch.flip(out, dims=(1,))
-        return out
+    def mix(self, v: torch.Tensor) -> torch.Tensor:
+        """v: (b, n, width) -> (b, n, width), the whole sequence"""
+        return self.dss(v)
 
     def step(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for t new positions given the state before them (see `DSS.step`); x: (b, t, dim)."""

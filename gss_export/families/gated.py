@@ -9,13 +9,33 @@ subclasses these two classes and adds its mixer, its config and its step.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 
+class FamilyConfig:
+    """What every family's frozen config dataclass shares; a family sets `family` and its fields."""
+
+    family: ClassVar[str]
+
+    @property
+    def dim_hidden(self) -> int:
+        return int(self.dim_expansion_factor * self.dim)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+    def upstream_kwargs(self) -> dict:
+        """Upstream's constructor arguments: all but `max_seq_len`, which only GatedDsConvLM takes."""
+        return {k: v for k, v in asdict(self).items() if k != "max_seq_len" or self.family == "dsconv"}
+
+
 class GatedLayer(nn.Module):
-    """The gate's projections; a subclass sets its mixer under upstream's name and calls `mix`."""
+    """The gate's projections around a mixer; a subclass sets the mixer under upstream's name and
+    defines `mix(v)` (the full sequence) and its step."""
 
     def __init__(self, *, dim: int, width: int, dim_expansion_factor: float, reverse_seq: bool = False):
         super().__init__()
@@ -26,6 +46,16 @@ class GatedLayer(nn.Module):
         self.to_v = nn.Sequential(nn.Linear(dim, width, bias=False), nn.GELU())
         self.to_gate = nn.Linear(width, dim_hidden, bias=False)
         self.to_out = nn.Linear(dim_hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (b, n, dim) -> (b, n, dim)"""
+        if self.reverse_seq:
+            x = torch.flip(x, dims=(1,))
+        h = self.norm(x)
+        out = self.gated_output(h, self.mix(self.to_v(h)), x)
+        if self.reverse_seq:
+            out = torch.flip(out, dims=(1,))
+        return out
 
     def gated_output(self, h: torch.Tensor, mixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The per-position part after the mixer; shared by forward and step. h: the normed input (b, n, dim)."""

@@ -13,19 +13,19 @@ strict=True.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..conv_forms import direct_causal_conv, make_conv
-from .gated import GatedLayer
+from .gated import FamilyConfig, GatedLayer
 from .recurrent import RecurrentLM, carried_decay, carried_lags, real_positions
 
 
 @dataclass(frozen=True)
-class ExponentialSmoothingConfig:
+class ExponentialSmoothingConfig(FamilyConfig):
     """Hyper-parameters of `GatedExponentialSmoothingLM`; all but `max_seq_len` (the export's limit,
     upstream has none) are read from weight shapes."""
 
@@ -38,15 +38,6 @@ class ExponentialSmoothingConfig:
     dim_expansion_factor: float = 4
     max_seq_len: int = 2048
 
-    @property
-    def dim_hidden(self) -> int:
-        return int(self.dim_expansion_factor * self.dim)
-
-    def to_dict(self) -> dict:
-        return {"family": self.family, **asdict(self)}
-
-    def upstream_kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "max_seq_len"}
 
     def state_shapes(self) -> list[list]:
         return [["batch", self.dim_mhesa]] * self.depth
@@ -120,10 +111,9 @@ class GatedMHESA(GatedLayer):
         assert dim_mhesa % heads == 0
         self.mhesa = MHESA(dim=dim_mhesa, heads=heads, conv=conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (b, n, dim) -> (b, n, dim)"""
-        h = self.norm(x)
-        return self.gated_output(h, self.mhesa(self.to_v(h)), x)
+    def mix(self, v: torch.Tensor) -> torch.Tensor:
+        """v: (b, n, width) -> (b, n, width), the whole sequence"""
+        return self.mhesa(v)
 
     def step(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for t new positions given the state before them (see `MHESA.step`); x: (b, t, dim)."""
