@@ -1,4 +1,5 @@
-"""runtime/cpp: build the libtorch example with CMake, generate from the exported example, compare with eager."""
+"""runtime/cpp: build the libtorch example with CMake, generate from the exported example and from the
+recurrent families' small exports, compare with eager."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.utils
 
-from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, export_example, require
+from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, export_example, family_upstream, require
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "runtime" / "cpp"
@@ -52,25 +53,78 @@ def generate(exe: Path, model: Path, *options: str, prompt=LANG_PROMPT) -> dict:
 
 def test_incremental_greedy_equals_eager(exe, model_pt, lang_reference):
     result = generate(exe, model_pt, "--threads", "2")
-    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental", "prompt": "step"}
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental", "prompt": "step", "family": "dsconv"}
 
 
 def test_full_recompute_and_model_file_path_agree(exe, model_pt, lang_reference):
     result = generate(exe, model_pt / "model.pt", "--full-recompute")
-    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute", "prompt": "forward"}
+    assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute", "prompt": "forward", "family": "dsconv"}
 
 
 def test_aoti_package_incremental_and_full_equal_eager(exe, model_aoti, lang_reference):
-    assert generate(exe, model_aoti) == {"tokens": lang_reference, "format": "aoti", "decoding": "incremental", "prompt": "step"}
+    assert generate(exe, model_aoti) == {"tokens": lang_reference, "format": "aoti", "decoding": "incremental", "prompt": "step", "family": "dsconv"}
     full = generate(exe, model_aoti / "model.pt2", "--full-recompute")
-    assert full == {"tokens": lang_reference, "format": "aoti", "decoding": "full-recompute", "prompt": "forward"}
+    assert full == {"tokens": lang_reference, "format": "aoti", "decoding": "full-recompute", "prompt": "forward", "family": "dsconv"}
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "aoti"])
 def test_long_prompt_goes_through_prefill(exe, model_pt, model_aoti, long_reference, fmt):
     """A 300-token prompt: one prefill call (full-sequence convolution), then steps; equal to eager."""
     result = generate(exe, model_pt if fmt == "torchscript" else model_aoti, prompt=LONG_PROMPT)
-    assert result == {"tokens": long_reference, "format": fmt, "decoding": "incremental", "prompt": "prefill"}
+    assert result == {"tokens": long_reference, "format": fmt, "decoding": "incremental", "prompt": "prefill", "family": "dsconv"}
+
+
+# ---- the recurrent families (a fixed-size state replaced at each step) -----------------------------
+RECURRENT = ["gss", "mhesa"]
+FORMATS = ["torchscript", "aoti"]
+# past max_seq_len: incremental decoding of a recurrent family has no context limit, the prompt goes
+# through prefill in pieces of at most max_seq_len
+BEYOND = (LONG_PROMPT * 4)[: FAMILY_MAX_LEN + 100]
+
+
+@pytest.fixture(scope="module")
+def recurrent_references():
+    """(family, prompt name) -> upstream eager's 24 greedy tokens, computed on first use."""
+    made: dict = {}
+
+    def reference(family: str, name: str) -> list[int]:
+        if (family, name) not in made:
+            made[family, name] = eager_greedy(family_upstream(family), {"long": LONG_PROMPT, "beyond": BEYOND}[name], LANG_NEW)
+        return made[family, name]
+
+    return reference
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", RECURRENT)
+def test_recurrent_incremental_and_full_equal_eager(exe, family_exports, family_references, family, fmt):
+    model = family_exports(family, fmt)
+    want = {"tokens": family_references[family], "format": fmt, "family": family}
+    assert generate(exe, model, "--threads", "2") == {**want, "decoding": "incremental", "prompt": "step"}
+    full = generate(exe, model / ("model.pt" if fmt == "torchscript" else "model.pt2"), "--full-recompute")
+    assert full == {**want, "decoding": "full-recompute", "prompt": "forward"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", RECURRENT)
+def test_recurrent_long_prompt_goes_through_prefill(exe, family_exports, recurrent_references, family, fmt):
+    result = generate(exe, family_exports(family, fmt), prompt=LONG_PROMPT)
+    assert result == {"tokens": recurrent_references(family, "long"), "format": fmt, "decoding": "incremental", "prompt": "prefill",
+                      "family": family}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", RECURRENT)
+def test_recurrent_prompt_beyond_max_seq_len(exe, family_exports, recurrent_references, family, fmt):
+    """Only a single call is bounded: a prompt longer than max_seq_len decodes incrementally, equal to
+    eager (upstream has no limit); the full recompute is refused with the reason."""
+    model = family_exports(family, fmt)
+    result = generate(exe, model, prompt=BEYOND)
+    assert result == {"tokens": recurrent_references(family, "beyond"), "format": fmt, "decoding": "incremental", "prompt": "prefill",
+                      "family": family}
+    proc = run([exe, model, "--prompt-ids", ",".join(map(str, BEYOND)), "--max-new-tokens", "3", "--full-recompute"], timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"exceed the model's max_seq_len {FAMILY_MAX_LEN} (a limit of --full-recompute only" in proc.stderr, proc.stderr
 
 
 def test_pt2_archive_is_refused_with_the_way_out(exe, tmp_path_factory):

@@ -3,13 +3,16 @@
 //   gss_generate MODEL --prompt-ids 1,2,3 --max-new-tokens N [--threads T] [--full-recompute]
 //
 // MODEL is a gss-export folder, its model.pt (--format torchscript) or its model.pt2 (--format aoti,
-// an AOTInductor package); a folder holding both runs model.pt2. Prints one JSON line:
-// {"tokens": [...], ...} with the generated ids only. Decoding is incremental: both formats carry a
-// `step` (the TorchScript method, the package's second model) that takes the new tokens and the
-// per-layer state (conv inputs and kernel values of every slot so far) and returns the new entries,
-// which go into buffers sized for the whole run, so a token costs one position's work plus one read
-// of the state. A prompt of more than 128 tokens goes through `prefill` instead (same interface; its
-// convolution runs the full-sequence form over every slot, the cost of one forward of the prompt).
+// an AOTInductor package); a folder holding both runs model.pt2. Any of the three families:
+// GatedDsConvLM ("dsconv"), GatedStateSpacesLM ("gss"), GatedExponentialSmoothingLM ("mhesa"). Prints
+// one JSON line: {"tokens": [...], ...} with the generated ids only. Decoding is incremental: both
+// formats carry a `step` (the TorchScript method, the package's second model) that takes the new
+// tokens and the per-layer state, so a token costs one position's work plus one read of the state.
+// dsconv's state grows ("append": conv inputs and kernel values of every slot so far; step returns
+// the new entries, which go into buffers sized for the whole run). gss's and mhesa's is a fixed-size
+// recurrence ("replace": step returns the whole new state), so only --full-recompute is bounded by
+// max_seq_len. A prompt of more than 128 tokens goes through `prefill` instead (same interface; its
+// convolution runs the full-sequence form, the cost of one forward of the prompt).
 // TorchScript files exported before `step` existed fall back to a full forward per token, those
 // before `prefill` to the prompt in chunks through `step`.
 #include <ATen/Parallel.h>
@@ -40,14 +43,20 @@ constexpr int64_t kPrefillAbove = 128;  // longer prompts go through prefill (gs
 constexpr int64_t kPrefillChunk = 256;  // without prefill: keeps each chunk's (t, context + t) kernel taps cache-sized
 
 // A loaded model behind one interface. step's and prefill's inputs and outputs are flat, in the ONNX
-// decoder's order: (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..).
+// decoder's order: "append" (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..);
+// "replace" (input_ids, pad, state.0..) -> (logits, new_state.0..).
 struct Model {
-  std::string format;
+  std::string format, family, state;  // state: "append" or "replace"
   int64_t num_tokens = 0, max_seq_len = 0, depth = 0, heads = 0, dim_dsconv = 0;
+  std::vector<int64_t> state_shape;  // "replace": one layer's state without the batch axis
   std::function<torch::Tensor(const torch::Tensor&)> forward;
   std::function<Tensors(const Tensors&)> step;     // empty when the file has no step
   std::function<Tensors(const Tensors&)> prefill;  // empty when the file has no prefill
 };
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
 
 Model load_torchscript(const fs::path& path) {
   auto module = std::make_shared<torch::jit::Module>();
@@ -59,22 +68,41 @@ Model load_torchscript(const fs::path& path) {
   module->eval();
   Model m;
   m.format = "torchscript";
+  // the family from its mixer's parameters (upstream's names, fixed by the checkpoints), as intake
+  // tells it from the keys: one such parameter per layer
+  const std::vector<std::pair<std::string, std::string>> mixers{
+      {"dsconv", ".dsconv.to_weight.weight"}, {"gss", ".dss.C_real"}, {"mhesa", ".mhesa.alphas"}};
   for (const auto& p : module->named_parameters()) {
     if (p.name == "to_logits.weight") m.num_tokens = p.value.size(0);
-    const std::string suffix = ".dsconv.to_weight.weight";
-    if (p.name.size() > suffix.size() && p.name.compare(p.name.size() - suffix.size(), suffix.size(), suffix) == 0) {
-      m.depth += 1;  // to_weight: (heads, dim_dsconv), one per layer
-      m.heads = p.value.size(0);
-      m.dim_dsconv = p.value.size(1);
+    for (const auto& [family, suffix] : mixers) {
+      if (!ends_with(p.name, suffix) || (!m.family.empty() && m.family != family)) continue;
+      m.family = family;
+      m.depth += 1;
+      if (family == "dsconv") {  // to_weight: (heads, dim_dsconv)
+        m.heads = p.value.size(0);
+        m.dim_dsconv = p.value.size(1);
+      }
     }
   }
   if (m.num_tokens == 0 || m.depth == 0 || !module->hasattr("max_seq_len"))
-    throw UsageError(path.string() + " is not a gss-export GatedDsConvLM (no to_logits, dsconv layers or max_seq_len)");
+    throw UsageError(path.string() + " is not a gss-export GatedDsConvLM, GatedStateSpacesLM or GatedExponentialSmoothingLM "
+                     "(no to_logits, mixer layers or max_seq_len)");
+  m.state = m.family == "dsconv" ? "append" : "replace";
   m.max_seq_len = module->attr("max_seq_len").toInt();
   m.forward = [module](const torch::Tensor& ids) { return module->forward({ids}).toTensor(); };
   const auto depth = m.depth;
-  auto method = [module, depth](const std::string& name) -> std::function<Tensors(const Tensors&)> {
+  const bool append = m.state == "append";
+  if (!append && module->find_method("empty_state"))  // the recurrent state's shape, as the weights size it
+    m.state_shape = module->run_method("empty_state", int64_t{1}).toTensorVector().at(0).sizes().slice(1).vec();
+  auto method = [module, depth, append](const std::string& name) -> std::function<Tensors(const Tensors&)> {
     if (!module->find_method(name)) return {};
+    if (!append)
+      return [module, name](const Tensors& in) {  // step(input_ids, pad, state) -> (logits, new_state)
+        auto out = module->run_method(name, in[0], in[1], c10::List<torch::Tensor>(Tensors(in.begin() + 2, in.end()))).toTuple();
+        Tensors flat{out->elements()[0].toTensor()};
+        for (const auto& t : out->elements()[1].toTensorVector()) flat.push_back(t);
+        return flat;
+      };
     return [module, depth, name](const Tensors& in) {
       c10::List<torch::Tensor> u(Tensors(in.begin() + 2, in.begin() + 2 + depth)), k(Tensors(in.begin() + 2 + depth, in.end()));
       auto out = module->run_method(name, in[0], in[1], u, k).toTuple();
@@ -84,8 +112,10 @@ Model load_torchscript(const fs::path& path) {
       return flat;
     };
   };
-  m.step = method("step");
-  m.prefill = method("prefill");
+  if (append || !m.state_shape.empty()) {  // without empty_state there is no state to start from: full recompute
+    m.step = method("step");
+    m.prefill = method("prefill");
+  }
   return m;
 }
 
@@ -99,17 +129,28 @@ Model load_aoti(const fs::path& path) {
                      "a --format pt2 archive runs only in Python)");
   }
   auto meta = forward->get_metadata();
-  auto size = [&](const std::string& key) {
+  auto text = [&](const std::string& key) {
     if (!meta.count(key)) throw UsageError(path.string() + " lacks the gss-export metadata " + key + " (re-export with gss-export --format aoti)");
-    return std::stoll(meta.at(key));
+    return meta.at(key);
   };
+  auto size = [&](const std::string& key) { return std::stoll(text(key)); };
   Model m;
   m.format = "aoti";
+  // packages exported before the other families existed are dsconv and say neither
+  m.family = meta.count("family") ? meta.at("family") : "dsconv";
+  m.state = meta.count("state") ? meta.at("state") : "append";
   m.num_tokens = size("num_tokens");
   m.max_seq_len = size("max_seq_len");
   m.depth = size("depth");
-  m.heads = size("heads");
-  m.dim_dsconv = size("dim_dsconv");
+  if (m.state == "append") {
+    m.heads = size("heads");
+    m.dim_dsconv = size("dim_dsconv");
+  } else if (m.state == "replace") {
+    std::istringstream dims(text("state_shape"));
+    for (std::string d; std::getline(dims, d, ',');) m.state_shape.push_back(std::stoll(d));
+  } else {
+    throw UsageError(path.string() + " carries a decoder state of kind " + m.state + ", unknown to this gss_generate (rebuild it)");
+  }
   m.forward = [forward](const torch::Tensor& ids) { return forward->run({ids})[0]; };
   m.step = [step](const Tensors& in) { return step->run(in); };
   try {  // packages exported before prefill existed have only model and step
@@ -135,49 +176,63 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
   return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
 }
 
-// Slot-major state buffers (capacity, 1, width) for the whole run; `filled` slots are in use. Slot 0
-// is padding (pad = 1 says position 0 is slot 1): the exported steps take a past of at least one slot.
+// The decoder's state for one row. "append": slot-major buffers (capacity, 1, width) for the whole
+// run, `filled` slots in use; slot 0 is padding (pad = 1 says position 0 is slot 1): the exported
+// steps take a past of at least one slot. "replace": one (1, *state_shape) tensor per layer, zeros
+// to start, swapped for the step's output (pad = 0: no leading padding in a single row).
 class Decoder {
  public:
-  Decoder(const Model& m, int64_t capacity) : step_(m.step), prefill_(m.prefill), pad_(torch::ones({1}, torch::kInt64)) {
+  Decoder(const Model& m, int64_t capacity)
+      : step_(m.step), prefill_(m.prefill), replace_(m.state == "replace"), pad_(torch::full({1}, replace_ ? 0 : 1, torch::kInt64)) {
+    if (replace_) {
+      std::vector<int64_t> shape{1};
+      shape.insert(shape.end(), m.state_shape.begin(), m.state_shape.end());
+      for (int64_t i = 0; i < m.depth; ++i) state_.push_back(torch::zeros(shape));
+      return;
+    }
     for (int64_t i = 0; i < 2 * m.depth; ++i)
-      buffers_.push_back(torch::zeros({capacity + 1, 1, i < m.depth ? m.dim_dsconv : m.heads}));
+      state_.push_back(torch::zeros({capacity + 1, 1, i < m.depth ? m.dim_dsconv : m.heads}));
   }
 
   bool has_prefill() const { return static_cast<bool>(prefill_); }
 
-  // ids for the next slots -> logits (1, t, num_tokens); their entries are appended. whole: through
-  // prefill (same results, full-sequence cost) instead of step.
+  // ids for the next positions -> logits (1, t, num_tokens); the state moves past them. whole:
+  // through prefill (same results, full-sequence cost) instead of step.
   torch::Tensor feed(const std::vector<int64_t>& ids, bool whole = false) {
     Tensors in{ids_tensor(ids), pad_};
-    for (const auto& b : buffers_) in.push_back(b.narrow(0, 0, filled_));  // views, no copy
+    for (const auto& s : state_) in.push_back(replace_ ? s : s.narrow(0, 0, filled_));  // the filled slots as views, no copy
     auto out = whole ? prefill_(in) : step_(in);
+    if (replace_) {
+      state_.assign(out.begin() + 1, out.end());
+      return out[0];
+    }
     const auto t = static_cast<int64_t>(ids.size());
-    for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].narrow(0, filled_, t).copy_(out[i + 1]);
+    for (size_t i = 0; i < state_.size(); ++i) state_[i].narrow(0, filled_, t).copy_(out[i + 1]);
     filled_ += t;
     return out[0];
   }
 
  private:
   std::function<Tensors(const Tensors&)> step_, prefill_;
+  bool replace_;
   torch::Tensor pad_;
-  Tensors buffers_;
+  Tensors state_;
   int64_t filled_ = 1;
 };
 
-// How the prompt went in: "prefill" (one call), "step" (chunks through step) or "forward" (full recompute).
+// How the prompt went in: "prefill" (one call; pieces for a recurrent prompt longer than max_seq_len),
+// "step" (chunks through step) or "forward" (full recompute).
 std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new, std::string& how) {
-  Decoder decoder(m, static_cast<int64_t>(prompt.size()) + max_new);
+  Decoder decoder(m, m.state == "append" ? static_cast<int64_t>(prompt.size()) + max_new : 0);
   torch::Tensor logits;
   const auto n = static_cast<int64_t>(prompt.size());
   how = decoder.has_prefill() && n > kPrefillAbove ? "prefill" : "step";
-  if (how == "prefill") {
-    logits = decoder.feed(prompt, true);
-  } else {
-    for (int64_t start = 0; start < n; start += kPrefillChunk) {
-      auto end = std::min(n, start + kPrefillChunk);
-      logits = decoder.feed({prompt.begin() + start, prompt.begin() + end});
-    }
+  // a call takes at most max_seq_len tokens; check_prompt lets a longer prompt through only for a
+  // recurrent state, which carries over from piece to piece
+  const auto chunk = std::min(how == "prefill" ? n : kPrefillChunk, m.max_seq_len);
+  for (int64_t start = 0; start < n; start += chunk) {
+    auto end = std::min(n, start + chunk);
+    logits = decoder.feed({prompt.begin() + start, prompt.begin() + end}, how == "prefill");
   }
   std::vector<int64_t> tokens{argmax_last(logits)};
   while (static_cast<int64_t>(tokens.size()) < max_new) tokens.push_back(argmax_last(decoder.feed({tokens.back()})));
@@ -193,22 +248,25 @@ std::vector<int64_t> generate_full(const Model& m, std::vector<int64_t> sequence
   return tokens;
 }
 
-void check_prompt(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new) {
+// incremental: whether the run decodes with step (a recurrent state bounds only each call, not the sequence)
+void check_prompt(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new, bool incremental) {
   if (prompt.empty()) throw UsageError("--prompt-ids is empty: give at least one token id");
   for (auto id : prompt)
     if (id < 0 || id >= m.num_tokens)
       throw UsageError("token id " + std::to_string(id) + " is out of range: ids are 0.." + std::to_string(m.num_tokens - 1));
+  if (incremental && m.state == "replace") return;
   if (static_cast<int64_t>(prompt.size()) + max_new > m.max_seq_len)
     throw UsageError(std::to_string(prompt.size()) + " prompt tokens + " + std::to_string(max_new) +
-                     " new tokens exceed the model's max_seq_len " + std::to_string(m.max_seq_len));
+                     " new tokens exceed the model's max_seq_len " + std::to_string(m.max_seq_len) +
+                     (m.state == "replace" ? " (a limit of --full-recompute only: incremental decoding of " + m.family + " has none)" : ""));
 }
 
-std::string to_json(const std::vector<int64_t>& tokens, const std::string& format, bool incremental, const std::string& prompt) {
+std::string to_json(const std::vector<int64_t>& tokens, const Model& m, bool incremental, const std::string& prompt) {
   std::ostringstream out;
   out << "{\"tokens\": [";
   for (size_t i = 0; i < tokens.size(); ++i) out << (i ? ", " : "") << tokens[i];
-  out << "], \"format\": \"" << format << "\", \"decoding\": \"" << (incremental ? "incremental" : "full-recompute")
-      << "\", \"prompt\": \"" << prompt << "\"}";
+  out << "], \"format\": \"" << m.format << "\", \"decoding\": \"" << (incremental ? "incremental" : "full-recompute")
+      << "\", \"prompt\": \"" << prompt << "\", \"family\": \"" << m.family << "\"}";
   return out.str();
 }
 
@@ -232,11 +290,11 @@ int main(int argc, char** argv) {
     if (threads > 0) at::set_num_threads(threads);
     torch::NoGradGuard no_grad;
     Model model = load_model(model_path);
-    check_prompt(model, prompt, max_new);
     bool incremental = model.step && !full;
+    check_prompt(model, prompt, max_new, incremental);
     std::string how = "forward";
     auto tokens = incremental ? generate_incremental(model, prompt, max_new, how) : generate_full(model, prompt, max_new);
-    std::cout << to_json(tokens, model.format, incremental, how) << std::endl;
+    std::cout << to_json(tokens, model, incremental, how) << std::endl;
   } catch (const UsageError& e) {
     std::cerr << "gss_generate: error: " << e.what() << std::endl;
     return 2;
