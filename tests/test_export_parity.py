@@ -125,7 +125,7 @@ def test_validation_passes_and_reports_every_shape(ours, tmp_path):
 def test_reverse_seq_layer_matches_upstream():
     from gated_state_spaces_pytorch import GatedDsConv as UpstreamLayer
 
-    from gss_export.families import GatedDsConv
+    from gss_export.families.dsconv import GatedDsConv
 
     torch.manual_seed(0)
     theirs = UpstreamLayer(dim=32, heads=4, dim_dsconv=16, reverse_seq=True).eval()
