@@ -12,14 +12,14 @@ from __future__ import annotations
 import onnx
 import torch
 
-from gss_runtime.decoder import DECODER_NAME, PREFILL_ABOVE, PREFILL_NAME  # noqa: F401  (PREFILL_ABOVE: for export.py)
+from gss_runtime.decoder import DECODER_NAME, PREFILL_NAME
 
 from .errors import GSSExportError
 from .decoder_io import StepGraph, input_names, output_names, step_signature
 from .export_signatures import quiet_tracing
 from .onnx_export import SUPPORTED_OPSETS, conv_translations
 
-# the runtime's names and its rule for when to use prefill.onnx (recorded in config.json for the others)
+# the runtime's file names
 FILE, PREFILL_FILE = DECODER_NAME, PREFILL_NAME
 # the conv form prefill.onnx runs over all slots: exact at every length, O(n^(4/3)) (`monarch.py`)
 PREFILL_FORM = "monarch"

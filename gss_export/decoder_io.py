@@ -45,6 +45,7 @@ def describe(config) -> dict:
     """Names, dtypes and shapes of the decoder's inputs and outputs, and its state's kind and size
     (stored in config.json and the decoder's metadata)."""
     c, kind = config, state_kind(config)
+    above = family_of(config).prefill_above  # the runtimes send calls of more new tokens to prefill.onnx
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]}
     logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "new_tokens", c.num_tokens]}
 
@@ -55,6 +56,7 @@ def describe(config) -> dict:
         widths = [c.dim_dsconv] * c.depth + [c.heads] * c.depth
         return {
             "state": kind,
+            "prefill_above": above,
             "inputs": [{**ids, "doc": "tokens for slots context..context+new_tokens-1"},
                        {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "slot of each row's position 0: padding slots before it are never read"},
                        *tensors(input_names(c)[2:], [["context", "batch", w] for w in widths])],
@@ -64,6 +66,7 @@ def describe(config) -> dict:
     shapes = c.state_shapes()
     return {
         "state": kind,
+        "prefill_above": above,
         "inputs": [{**ids, "doc": "new tokens after the state"},
                    {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "leading padding positions of each row in this call (a ragged prompt; 0 afterwards)"},
                    *tensors(input_names(c)[2:], shapes)],

@@ -16,6 +16,7 @@ import torch
 from . import aoti_export, decoder_export, onnx_export, pt2_export, torchscript_export
 from .conv_forms import SWITCH_FORMS, resolve_form
 from .decoder_io import describe
+from .families import family_of
 from .torch_decoder import TorchDecoder
 from .validation import ValidationReport, torch_runner
 from .variant_export import save as save_onnx_file
@@ -49,9 +50,15 @@ class OnnxTarget(Target):
     name, variants = "onnx", True
 
     def settings(self, model, *, conv, opset):
-        return onnx_export.export_settings(model, conv=conv, opset=opset)
+        return {**onnx_export.export_settings(model, conv=self.form(model, conv), opset=opset), "conv_requested": conv}
+
+    @staticmethod
+    def form(model, conv: str) -> str:
+        """`auto` as the family measured it, where that differs from the target's default."""
+        return family_of(model).auto_forms.get("onnx", conv) if conv == "auto" else conv
 
     def build(self, model, staging, settings, metadata, *, conv, opset, external_data, decoder, variant, progress):
+        conv = self.form(model, conv)
         if variant is not None and resolve_form(conv, "onnx") == "switch":
             # onnxruntime's float16 converter and quantizer rewrite the top-level graph, not If branches
             conv = SWITCH_FORMS[1]
@@ -72,7 +79,7 @@ class OnnxTarget(Target):
                 save_onnx_file(graph, staging / name, external_data, variant, settings)
             settings["decoder"] = {"file": decoder_export.FILE, **io}
             settings["prefill"] = {"file": decoder_export.PREFILL_FILE, "conv": decoder_export.PREFILL_FORM,
-                                   "use_above_new_tokens": decoder_export.PREFILL_ABOVE}
+                                   "use_above_new_tokens": io["prefill_above"]}
         return path
 
     def forward(self, path, report):

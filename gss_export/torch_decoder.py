@@ -14,9 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gss_runtime.decoder import PREFILL_ABOVE  # more new tokens than this go through `prefill`, as in the runtime
-
 from .decoder_io import state_kind
+from .families import family_of
 
 
 class TorchDecoder:
@@ -25,6 +24,7 @@ class TorchDecoder:
     def __init__(self, step: Callable, config, prefill: Callable | None = None):
         self.step_fn, self.prefill_fn, self.config = step, prefill, config
         self.kind = state_kind(config)
+        self.prefill_above = family_of(config).prefill_above  # as the runtime reads it from the export
 
     def empty_state(self, pads):
         """Appended: one zero padding slot (pad counts it), the exported steps need a past of at least one
@@ -41,7 +41,7 @@ class TorchDecoder:
         step (False) or by length (None)."""
         ids = torch.as_tensor(np.asarray(input_ids, np.int64))
         if whole is None:
-            whole = self.prefill_fn is not None and ids.shape[1] > PREFILL_ABOVE
+            whole = self.prefill_fn is not None and ids.shape[1] > self.prefill_above
         elif whole and self.prefill_fn is None:
             raise ValueError("this artifact has no prefill")
         pad, *tensors = state

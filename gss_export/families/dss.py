@@ -87,7 +87,10 @@ class DSS(nn.Module):
         cr, ci = (cm * torch.cos(freq * coarse))[q], (cm * torch.sin(freq * coarse))[q]  # (count, N)
         r = lags - q * block
         fr, fi = (fm * torch.cos(freq * fine))[r], (fm * torch.sin(freq * fine))[r]
-        return torch.cat([cr * fr - ci * fi, cr * fi + ci * fr], -1)
+        # powers below 1e-30 become 0: left in, they underflow to subnormal floats, which make every
+        # matrix product they enter many times slower (measured 1.5 against 220 GFLOP/s) for no accuracy
+        live = ((cm[q] * fm[r]) > 1e-30).to(decay.dtype)
+        return torch.cat([(cr * fr - ci * fi) * live, (cr * fi + ci * fr) * live], -1)
 
     def readout(self) -> torch.Tensor:
         """C' = C * (exp(Lambda) - 1) / Lambda: (H, 2N), real parts then imaginary parts."""

@@ -65,7 +65,9 @@ class MHESA(nn.Module):
         alpha = self.alphas.sigmoid()
         q = (1 - alpha) * self.dampen_factors.sigmoid()
         lags = torch.arange(count, device=q.device).to(q.dtype).unsqueeze(1)
-        return alpha, torch.pow(q, lags)
+        powers = torch.pow(q, lags)
+        # below 1e-30 they would underflow to subnormal floats, which slow every product they enter
+        return alpha, powers * (powers > 1e-30).to(q.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (b, n, dim) -> (b, n, dim)"""

@@ -40,7 +40,7 @@ from .session import check_provider, locate, open_session, read_config
 
 DECODER_NAME = "decoder.onnx"
 PREFILL_NAME = "prefill.onnx"
-# more new tokens than this go through prefill.onnx: up to it the direct read of the past is cheaper
+# more new tokens than this go through prefill.onnx unless the export says otherwise: up to it the direct read of the past is cheaper
 # even after a long context (the same crossover as model.onnx's switch between conv forms)
 PREFILL_ABOVE = 128
 # without prefill.onnx a prompt goes through decoder.onnx in chunks: the chunk's (t, context + t)
@@ -123,6 +123,8 @@ class Decoder:
         depth = self.config["depth"]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.kind = json.loads(meta.get("gss_export.state", '"append"'))
+        # more new tokens than this go to prefill.onnx: the family's measured crossover, as the export recorded it
+        self.prefill_above = int(json.loads(meta.get("gss_export.prefill_above", str(PREFILL_ABOVE))))
         if self.kind == "append":
             self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
             self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
@@ -135,7 +137,7 @@ class Decoder:
         prefill = self.path.with_name(PREFILL_NAME)
         self.prefill_session = None
         if prefill.is_file() and prefill != self.path:
-            self.prefill_session = open_session(prefill, provider, threads)
+            self.prefill_session = open_session(prefill, provider, threads, spin=False)
             self._check_names(self.prefill_session, prefill)
 
     def _check_names(self, session, path: Path) -> None:
@@ -176,14 +178,14 @@ class Decoder:
         if whole and self.prefill_session is None:
             raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
         if self.kind != "append":
-            session = self.prefill_session if (whole or (whole is None and t > PREFILL_ABOVE)) and self.prefill_session else self.session
+            session = self.prefill_session if (whole or (whole is None and t > self.prefill_above)) and self.prefill_session else self.session
             call_pad = np.minimum(state.pending, t)
             outputs = session.run(None, {"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
             return outputs[0], RecurrentState(state.pending - call_pad, state.tokens + t - call_pad, outputs[1:])
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
         if whole is None:
-            whole = self.prefill_session is not None and t > PREFILL_ABOVE
+            whole = self.prefill_session is not None and t > self.prefill_above
         slots = state.slots
         if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
             slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)

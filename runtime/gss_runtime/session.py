@@ -88,8 +88,10 @@ def read_config(path: Path, config_file: Path | None, session: ort.InferenceSess
     return {"family": family, **{k: config[k] for k in keys}}
 
 
-def _options(threads: int | None, quiet: bool = False) -> ort.SessionOptions:
+def _options(threads: int | None, quiet: bool = False, spin: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     if quiet:
@@ -105,25 +107,28 @@ def _session(path: Path, providers: list[str], options: ort.SessionOptions) -> o
         raise RuntimeInputError(f"{path} is not a loadable ONNX model: {message}") from None
 
 
-def open_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+def open_session(path: Path, provider: str, threads: int | None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session on `provider`. spin=False: its idle threads sleep instead of spinning, for a
+    graph called now and then (a prompt) beside one called back to back (the steps), whose threads
+    would otherwise compete with the spinning ones on a small machine."""
     if provider == "cpu":
-        return _session(path, [CPU], _options(threads))
+        return _session(path, [CPU], _options(threads, spin=spin))
     if CUDA not in ort.get_available_providers():
         if provider == "cuda":
             raise RuntimeInputError(
                 f"CUDA was requested but this onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use provider cpu"
             )
-        return _session(path, [CPU], _options(threads))
+        return _session(path, [CPU], _options(threads, spin=spin))
     # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries, then silently falls back to CPU:
     # only the created session says what it really uses.
-    log, session = _capturing_stderr(lambda: _session(path, [CUDA, CPU], _options(threads, quiet=True)))
+    log, session = _capturing_stderr(lambda: _session(path, [CUDA, CPU], _options(threads, quiet=True, spin=spin)))
     if isinstance(session, ort.InferenceSession) and CUDA in session.get_providers():
         return session
     if provider == "auto":
-        return session if isinstance(session, ort.InferenceSession) else _session(path, [CPU], _options(threads))
+        return session if isinstance(session, ort.InferenceSession) else _session(path, [CPU], _options(threads, spin=spin))
     if not isinstance(session, ort.InferenceSession):
-        _session(path, [CPU], _options(threads))  # raises if the model itself is bad, so CUDA is not blamed
+        _session(path, [CPU], _options(threads, spin=spin))  # raises if the model itself is bad, so CUDA is not blamed
         log = f"{log}\n{session}"
     raise RuntimeInputError(
         f"CUDA was requested but onnxruntime cannot use it: {_cuda_reason(log)}; "
