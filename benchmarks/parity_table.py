@@ -18,7 +18,7 @@ import torch
 
 from gss_export.checkpoint import load_checkpoint
 from gss_export.export import export_model
-from gss_export.torchscript_export import load_torchscript
+from gss_export.targets.torchscript import load_torchscript
 from gss_export.validation import eager_reference
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "byte_lm" / "model.safetensors"

@@ -48,10 +48,10 @@ from report import write_markdown, write_plot
 
 from gss_export.conv_forms import AUTO_FORM
 from gss_export.export import export_model
-from gss_export.onnx_export import build_onnx, save_onnx
-from gss_export.aoti_export import load_aoti
-from gss_export.pt2_export import load_pt2_program
-from gss_export.torchscript_export import build_torchscript, save_torchscript
+from gss_export.targets.onnx import build_onnx, save_onnx
+from gss_export.targets.aoti import load_aoti
+from gss_export.targets.pt2 import load_pt2_program
+from gss_export.targets.torchscript import build_torchscript, save_torchscript
 from gss_export.variant_export import VariantRequest
 
 # `auto` and its reduced-precision exports (gss-export --dtype fp16 / --quantize int8 [--int8-activations per-tensor])

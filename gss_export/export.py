@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import onnx_export
+from . import DEFAULT_OPSET
 from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import ValidationFailed
 from .families import GatedLM
 from .targets import FORMATS, TARGETS
+from .targets.onnx import INPUTS, outputs_spec
 from .tolerances import Tolerance, tolerance_for
 from .validation import ValidationReport, default_shapes, validate_decoder, validate_forward
 from .variant_export import VariantRequest, check as check_variant
@@ -37,7 +38,7 @@ def export_model(
     out_dir: str | Path,
     *,
     conv: str = "auto",
-    opset: int = onnx_export.DEFAULT_OPSET,
+    opset: int = DEFAULT_OPSET,
     validate: bool = True,
     tolerance: Tolerance | None = None,
     shapes: Sequence[tuple[int, int]] | None = None,
@@ -63,7 +64,7 @@ def export_model(
     if fmt not in TARGETS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     target = TARGETS[fmt]
-    metadata = {"model": config, "inputs": onnx_export.INPUTS, "outputs": onnx_export.outputs_spec(model.config.num_tokens)}
+    metadata = {"model": config, "inputs": INPUTS, "outputs": outputs_spec(model.config.num_tokens)}
     with staged_output(out_dir) as staging:
         progress("export", 0, 1, f"building {fmt}")
         settings = target.settings(model, conv=conv, opset=opset)

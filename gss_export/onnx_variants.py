@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import GSSExportError
-from .onnx_export import save_onnx
+from .targets.onnx import save_onnx
 
 VARIANTS = ("fp16", "int8")
 # candidates for float16 compute: the per-position layers (see the module docstring)

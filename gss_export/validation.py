@@ -228,7 +228,7 @@ def validate_decoder(decoder, artifact: str, model: GatedLM, tolerance: Toleranc
 
     `decoder` has empty_state(pads), feed(ids (b, t), state, whole) and step(tokens (b,), state), each
     returning numpy logits and the new state: `gss_runtime.Decoder` over decoder.onnx and prefill.onnx,
-    or `torch_decoder.TorchDecoder` over the step and prefill of model.pt or model.pt2. Each case
+    or `targets.torch_decoder.TorchDecoder` over the step and prefill of model.pt or model.pt2. Each case
     prefills a (ragged) prompt batch, may continue it, then feeds one token per step; each row's logits
     at all its positions must equal the eager forward of that row's whole sequence. Memory stays linear
     in the length: prompts at max_seq_len go through the prefill graph, the reference runs row by row.

@@ -15,7 +15,7 @@ import onnx
 from . import quality
 from .errors import GSSExportError, ValidationFailed
 from .families import GatedLM
-from .onnx_export import save_onnx
+from .targets.onnx import save_onnx
 from .onnx_variants import INT8_ACTIVATIONS, VARIANTS, save_variant
 from .tolerances import QualityThreshold, quality_for
 

@@ -10,9 +10,9 @@ import torch
 
 from conftest import BATCHES, LENGTHS, MAX_LEN, RTOL, max_errors
 from gss_export.export import export_model
-from gss_export.torch_decoder import TorchDecoder
+from gss_export.targets.torch_decoder import TorchDecoder
 from gss_export.tolerances import Tolerance
-from gss_export.torchscript_export import load_torchscript
+from gss_export.targets.torchscript import load_torchscript
 from gss_export.validation import torch_runner, validate_decoder
 
 ONNX_CASES = [

@@ -1,4 +1,4 @@
-"""The export targets, one class each, listed in one table (`TARGETS`).
+"""The export targets: one module each beside this one, one class each here, listed in one table (`TARGETS`).
 
 A target owns its file name, its tolerance and `auto` convolution form (by its name in
 `tolerances.TOLERANCES` and `conv_forms.AUTO_FORM`), its settings, how it builds and saves the
@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from . import aoti_export, decoder_export, onnx_export, pt2_export, torchscript_export
-from .conv_forms import SWITCH_FORMS, resolve_form
+from ..conv_forms import SWITCH_FORMS, resolve_form
+from ..families import family_of
+from ..validation import ValidationReport, torch_runner
+from . import aoti, onnx, onnx_decoder, pt2, torchscript
 from .decoder_io import describe
-from .families import family_of
 from .torch_decoder import TorchDecoder
-from .validation import ValidationReport, torch_runner
-from .variant_export import save as save_onnx_file
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -50,7 +48,7 @@ class OnnxTarget(Target):
     name, variants = "onnx", True
 
     def settings(self, model, *, conv, opset):
-        return {**onnx_export.export_settings(model, conv=self.form(model, conv), opset=opset), "conv_requested": conv}
+        return {**onnx.export_settings(model, conv=self.form(model, conv), opset=opset), "conv_requested": conv}
 
     @staticmethod
     def form(model, conv: str) -> str:
@@ -58,32 +56,34 @@ class OnnxTarget(Target):
         return family_of(model).auto_forms.get("onnx", conv) if conv == "auto" else conv
 
     def build(self, model, staging, settings, metadata, *, conv, opset, external_data, decoder, variant, progress):
+        from ..variant_export import save as save_onnx_file  # it builds on targets.onnx: imported when used
+
         conv = self.form(model, conv)
         if variant is not None and resolve_form(conv, "onnx") == "switch":
             # onnxruntime's float16 converter and quantizer rewrite the top-level graph, not If branches
             conv = SWITCH_FORMS[1]
-            settings.update(onnx_export.export_settings(model, conv=conv, opset=opset))
+            settings.update(onnx.export_settings(model, conv=conv, opset=opset))
         if variant is not None:
             settings.update(variant.settings())
         config = metadata["model"]
-        proto = onnx_export.build_onnx(model, conv=conv, opset=opset)
-        onnx_export.annotate(proto, {**metadata, "export": settings})
+        proto = onnx.build_onnx(model, conv=conv, opset=opset)
+        onnx.annotate(proto, {**metadata, "export": settings})
         path = staging / settings["file"]
         save_onnx_file(proto, path, external_data, variant, settings)
         if decoder:
             io = describe(model.config)
-            for name, prefill, how in ((decoder_export.FILE, False, "direct"), (decoder_export.PREFILL_FILE, True, decoder_export.PREFILL_FORM)):
+            for name, prefill, how in ((onnx_decoder.FILE, False, "direct"), (onnx_decoder.PREFILL_FILE, True, onnx_decoder.PREFILL_FORM)):
                 progress("export", 0, 1, f"building {name}")
-                graph = decoder_export.build_decoder(model, opset=opset, prefill=prefill)
-                onnx_export.annotate(graph, {"model": config, "export": {**settings, "file": name, "conv": how}, **io})
+                graph = onnx_decoder.build_decoder(model, opset=opset, prefill=prefill)
+                onnx.annotate(graph, {"model": config, "export": {**settings, "file": name, "conv": how}, **io})
                 save_onnx_file(graph, staging / name, external_data, variant, settings)
-            settings["decoder"] = {"file": decoder_export.FILE, **io}
-            settings["prefill"] = {"file": decoder_export.PREFILL_FILE, "conv": decoder_export.PREFILL_FORM,
+            settings["decoder"] = {"file": onnx_decoder.FILE, **io}
+            settings["prefill"] = {"file": onnx_decoder.PREFILL_FILE, "conv": onnx_decoder.PREFILL_FORM,
                                    "use_above_new_tokens": io["prefill_above"]}
         return path
 
     def forward(self, path, report):
-        from .validation import onnx_forward
+        from ..validation import onnx_forward
 
         return onnx_forward(path, report)
 
@@ -92,22 +92,22 @@ class OnnxTarget(Target):
             return None
         from gss_runtime.decoder import Decoder
 
-        return Decoder(staging, provider="cpu"), decoder_export.FILE
+        return Decoder(staging, provider="cpu"), onnx_decoder.FILE
 
 
 class TorchScriptTarget(Target):
     name = "torchscript"
 
     def settings(self, model, *, conv, opset):
-        return torchscript_export.export_settings(model, conv=conv)
+        return torchscript.export_settings(model, conv=conv)
 
     def build(self, model, staging, settings, metadata, *, conv, **_):
         path = staging / settings["file"]
-        torchscript_export.save_torchscript(torchscript_export.build_torchscript(model, conv=conv), path, {**metadata, "export": settings})
+        torchscript.save_torchscript(torchscript.build_torchscript(model, conv=conv), path, {**metadata, "export": settings})
         return path
 
     def forward(self, path, report):
-        scripted = torchscript_export.load_torchscript(path)
+        scripted = torchscript.load_torchscript(path)
         args = [a.name for a in scripted.forward.schema.arguments][1:]
         if args != ["input_ids"]:
             report.failures.append(f"forward arguments {args}, expected ['input_ids']")
@@ -115,7 +115,7 @@ class TorchScriptTarget(Target):
         return torch_runner(scripted)
 
     def decoder(self, staging, path, model, decoder):
-        scripted = torchscript_export.load_torchscript(path)
+        scripted = torchscript.load_torchscript(path)
         return TorchDecoder(scripted.step, model.config, prefill=scripted.prefill), f"{path.name} (step, prefill)"
 
 
@@ -123,15 +123,15 @@ class Pt2Target(Target):
     name = "pt2"
 
     def settings(self, model, *, conv, opset):
-        return pt2_export.export_settings(model, conv=conv, fmt=self.name)
+        return pt2.export_settings(model, conv=conv, fmt=self.name)
 
     def build(self, model, staging, settings, metadata, *, conv, **_):
         path = staging / settings["file"]
-        pt2_export.save_pt2(pt2_export.build_programs(model, conv=conv), path, {**metadata, "export": settings})
+        pt2.save_pt2(pt2.build_programs(model, conv=conv), path, {**metadata, "export": settings})
         return path
 
     def load(self, path: Path, program: str):
-        return pt2_export.load_pt2_program(path, program)
+        return pt2.load_pt2_program(path, program)
 
     def forward(self, path, report):
         return torch_runner(self.load(path, "model"))
@@ -145,14 +145,14 @@ class AotiTarget(Pt2Target):
 
     def build(self, model, staging, settings, metadata, *, conv, **_):
         path = staging / settings["file"]
-        aoti_export.build_and_save_aoti(model, path, {**metadata, "export": settings}, conv=conv)
+        aoti.build_and_save_aoti(model, path, {**metadata, "export": settings}, conv=conv)
         return path
 
     def load(self, path: Path, program: str):
-        return aoti_export.load_aoti(path, program)
+        return aoti.load_aoti(path, program)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), TorchScriptTarget(), Pt2Target(), AotiTarget())}
 FORMATS = tuple(TARGETS)
 
-__all__ = ["TARGETS", "FORMATS", "Target", "torch"]
+__all__ = ["TARGETS", "FORMATS", "Target"]

@@ -14,10 +14,10 @@ import torch
 
 from gss_runtime.decoder import DECODER_NAME, PREFILL_NAME
 
-from .errors import GSSExportError
+from ..errors import GSSExportError
 from .decoder_io import StepGraph, input_names, output_names, step_signature
-from .export_signatures import quiet_tracing
-from .onnx_export import SUPPORTED_OPSETS, conv_translations
+from .signatures import quiet_tracing
+from .onnx import SUPPORTED_OPSETS, conv_translations
 
 # the runtime's file names
 FILE, PREFILL_FILE = DECODER_NAME, PREFILL_NAME
@@ -48,7 +48,7 @@ def build_decoder(model, *, opset: int, prefill: bool = False) -> onnx.ModelProt
             verbose=False,
         )
     proto = program.model_proto
-    if prefill:  # in-graph sizes: inferred intermediate shapes can be wrong (see onnx_export.trace_onnx)
+    if prefill:  # in-graph sizes: inferred intermediate shapes can be wrong (see onnx.trace_onnx)
         del proto.graph.value_info[:]
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:

@@ -1,6 +1,6 @@
 """Export to an AOTInductor package: `model.pt2` with compiled `model` (forward) and `step`.
 
-The torch.export programs of `pt2_export.py`, compiled ahead of time by inductor into shared
+The torch.export programs of `pt2.py`, compiled ahead of time by inductor into shared
 libraries (weights inside), packaged together. Python: `torch._inductor.aoti_load_package(path)`
 (the forward) or `torch._inductor.package.load_package(path, "step")`; C++:
 `torch::inductor::AOTIModelPackageLoader(path, "model" | "step")` (runtime/cpp). Compiling needs a
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .decoder_io import state_kind
-from .errors import GSSExportError
-from .export_signatures import quiet_tracing
-from .pt2_export import build_programs
+from ..errors import GSSExportError
+from .signatures import quiet_tracing
+from .pt2 import build_programs
 
 
 def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto") -> None:

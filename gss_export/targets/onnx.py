@@ -7,14 +7,14 @@ from pathlib import Path
 import onnx
 import torch
 
-from . import DEFAULT_OPSET, __version__
-from .conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
-from .errors import GSSExportError
-from .export_signatures import forward_signature, quiet_tracing
-from .families import GatedLM
-from .onnx_fft import fft_conv_translation
-from .onnx_length_switch import switch_by_length
-from .onnx_monarch import monarch_conv_translation
+from .. import DEFAULT_OPSET, __version__
+from ..conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
+from ..errors import GSSExportError
+from .signatures import forward_signature, quiet_tracing
+from ..families import GatedLM
+from ..onnx_fft import fft_conv_translation
+from ..onnx_length_switch import switch_by_length
+from ..onnx_monarch import monarch_conv_translation
 
 # torch's dynamo exporter builds at opset 18 at least and converts down from there
 BUILD_MIN_OPSET = 18

@@ -4,7 +4,7 @@
 max_seq_len); `load_pt2(path).exported_programs["step"]` the incremental decoder, with the ONNX
 decoder's interface (a past of at least one slot). The FFT conv runs as plain aten FFT ops at
 length 2n (`conv_forms.fft2n_causal_conv`), which torch.export keeps symbolic; the aoti target
-compiles the same programs (`aoti_export.py`).
+compiles the same programs (`aoti.py`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from . import __version__
-from .conv_forms import resolve_form
-from .errors import GSSExportError
+from .. import __version__
+from ..conv_forms import resolve_form
+from ..errors import GSSExportError
 from .decoder_io import StepGraph, step_signature
-from .export_signatures import forward_signature, quiet_tracing
-from .families import GatedLM
+from .signatures import forward_signature, quiet_tracing
+from ..families import GatedLM
 
 FILE = "model.pt2"
 PROGRAMS = ("model", "step", "prefill")

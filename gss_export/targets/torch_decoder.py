@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .decoder_io import state_kind
-from .families import family_of
+from ..families import family_of
 
 
 class TorchDecoder:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .conv_forms import resolve_form
-from .families import GatedLM
+from .. import __version__
+from ..conv_forms import resolve_form
+from ..families import GatedLM
 
 
 def export_settings(model: GatedLM, *, conv: str) -> dict:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .export_signatures import MAX_BATCH
-from .families import family_of
+from .signatures import MAX_BATCH
+from ..families import family_of
 
 
 def state_kind(config) -> str:
