@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from . import DEFAULT_OPSET
 from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import ValidationFailed
-from .families import GatedLM
+from .families import GatedLM, family_of
 from .targets import FORMATS, TARGETS
 from .targets.onnx import INPUTS, outputs_spec
 from .tolerances import Tolerance, tolerance_for
@@ -68,6 +68,8 @@ def export_model(
     with staged_output(out_dir) as staging:
         progress("export", 0, 1, f"building {fmt}")
         settings = target.settings(model, conv=conv, opset=opset)
+        # every runtime sends a call of more new tokens than this through prefill (the family's measured crossover)
+        settings["prefill_above"] = family_of(model).prefill_above
         path = target.build(model, staging, settings, metadata, conv=conv, opset=opset, external_data=external_data,
                             decoder=decoder, variant=variant, progress=progress)
         progress("export", 1, 1, f"built {path.name}")

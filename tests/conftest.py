@@ -220,3 +220,10 @@ def family_exports(tmp_path_factory):
 def family_references():
     """family -> the 24 greedy tokens upstream eager makes after LANG_PROMPT (full recompute)."""
     return {f: eager_greedy(family_upstream(f), LANG_PROMPT, LANG_NEW) for f in FAMILY_SMALL}
+
+
+def prompt_path(family: str, n: int) -> str:
+    """How the runtimes take an n-token prompt of `family`: through prefill above its measured threshold."""
+    from gss_export.families import FAMILIES
+
+    return "prefill" if n > FAMILIES[family].prefill_above else "step"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.utils
 
-from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, export_example, family_upstream, require
+from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, export_example, family_upstream, require, prompt_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "runtime" / "cpp"
@@ -100,7 +100,7 @@ def recurrent_references():
 def test_recurrent_incremental_and_full_equal_eager(exe, family_exports, family_references, family, fmt):
     model = family_exports(family, fmt)
     want = {"tokens": family_references[family], "format": fmt, "family": family}
-    assert generate(exe, model, "--threads", "2") == {**want, "decoding": "incremental", "prompt": "step"}
+    assert generate(exe, model, "--threads", "2") == {**want, "decoding": "incremental", "prompt": prompt_path(family, len(LANG_PROMPT))}
     full = generate(exe, model / ("model.pt" if fmt == "torchscript" else "model.pt2"), "--full-recompute")
     assert full == {**want, "decoding": "full-recompute", "prompt": "forward"}
 

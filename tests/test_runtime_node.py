@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require
+from conftest import FAMILY_MAX_LEN, LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require, prompt_path
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "runtime" / "node"
 GENERATE = NODE_DIR / "generate.js"
@@ -79,7 +79,7 @@ def test_node_family_greedy_matches_eager(family, node, family_exports, family_r
     proc = generate(node, family_exports(family, "onnx"), "--prompt-ids", ids(LANG_PROMPT), "--max-new-tokens", LANG_NEW,
                     "--threads", 2)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"tokens": family_references[family], "prompt": "step", "family": family}
+    assert json.loads(proc.stdout) == {"tokens": family_references[family], "prompt": prompt_path(family, len(LANG_PROMPT)), "family": family}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

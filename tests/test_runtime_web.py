@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require
+from conftest import LANG_NEW, LANG_PROMPT, LONG_PROMPT, eager_greedy, family_upstream, require, prompt_path
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "runtime" / "web"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -101,7 +101,7 @@ def test_web_page_family_greedy_matches_eager(family, family_page_url, node, fam
     assert result["tokens"] == family_references[family]
     assert set(range(1, LANG_NEW + 1)) <= set(result["counts"])
     assert result["errors"] == []
-    assert result["prompt"] == "step" and result["family"] == family
+    assert result["prompt"] == prompt_path(family, len(LANG_PROMPT)) and result["family"] == family
 
 
 def test_web_page_family_long_prompt_goes_through_prefill(family, family_page_url, node, tmp_path):

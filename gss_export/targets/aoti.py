@@ -27,6 +27,7 @@ def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto"
     c = model.config
     # what a C++ loader needs to size the state and check ids (AOTIModelPackageLoader::get_metadata)
     sizes = {k: str(getattr(c, k)) for k in ("family", "num_tokens", "max_seq_len", "depth")}
+    sizes["prefill_above"] = str(metadata["export"]["prefill_above"])
     if state_kind(c) == "append":
         sizes.update(state="append", heads=str(c.heads), dim_dsconv=str(c.dim_dsconv))
     else:  # one state tensor per layer, (batch, *state_shape)

@@ -39,7 +39,8 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-constexpr int64_t kPrefillAbove = 128;  // longer prompts go through prefill (gss_runtime.decoder.PREFILL_ABOVE)
+// longer prompts go through prefill unless the export names its family's own threshold (prefill_above)
+constexpr int64_t kPrefillAbove = 128;
 constexpr int64_t kPrefillChunk = 256;  // without prefill: keeps each chunk's (t, context + t) kernel taps cache-sized
 
 // A loaded model behind one interface. step's and prefill's inputs and outputs are flat, in the ONNX
@@ -49,6 +50,7 @@ struct Model {
   std::string format, family, state;  // state: "append" or "replace"
   int64_t num_tokens = 0, max_seq_len = 0, depth = 0, heads = 0, dim_dsconv = 0;
   std::vector<int64_t> state_shape;  // "replace": one layer's state without the batch axis
+  int64_t prefill_above = kPrefillAbove;  // prompts of more tokens go through prefill
   std::function<torch::Tensor(const torch::Tensor&)> forward;
   std::function<Tensors(const Tensors&)> step;     // empty when the file has no step
   std::function<Tensors(const Tensors&)> prefill;  // empty when the file has no prefill
@@ -58,16 +60,24 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// An integer field of a flat JSON text, or `fallback` (the exports' JSON is written by Python's json module).
+int64_t json_int(const std::string& text, const std::string& key, int64_t fallback) {
+  auto at = text.find("\"" + key + "\": ");
+  return at == std::string::npos ? fallback : std::stoll(text.substr(at + key.size() + 4));
+}
+
 Model load_torchscript(const fs::path& path) {
   auto module = std::make_shared<torch::jit::Module>();
+  torch::jit::ExtraFilesMap extra{{"config.json", ""}};
   try {
-    *module = torch::jit::load(path.string(), torch::kCPU);
+    *module = torch::jit::load(path.string(), torch::kCPU, extra);
   } catch (const c10::Error&) {
     throw UsageError(path.string() + " is not a TorchScript file (export one with gss-export --format torchscript)");
   }
   module->eval();
   Model m;
   m.format = "torchscript";
+  m.prefill_above = json_int(extra["config.json"], "prefill_above", kPrefillAbove);
   // the family from its mixer's parameters (upstream's names, fixed by the checkpoints), as intake
   // tells it from the keys: one such parameter per layer
   const std::vector<std::pair<std::string, std::string>> mixers{
@@ -142,6 +152,7 @@ Model load_aoti(const fs::path& path) {
   m.num_tokens = size("num_tokens");
   m.max_seq_len = size("max_seq_len");
   m.depth = size("depth");
+  m.prefill_above = meta.count("prefill_above") ? size("prefill_above") : kPrefillAbove;
   if (m.state == "append") {
     m.heads = size("heads");
     m.dim_dsconv = size("dim_dsconv");
@@ -226,7 +237,7 @@ std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int6
   Decoder decoder(m, m.state == "append" ? static_cast<int64_t>(prompt.size()) + max_new : 0);
   torch::Tensor logits;
   const auto n = static_cast<int64_t>(prompt.size());
-  how = decoder.has_prefill() && n > kPrefillAbove ? "prefill" : "step";
+  how = decoder.has_prefill() && n > m.prefill_above ? "prefill" : "step";
   // a call takes at most max_seq_len tokens; check_prompt lets a longer prompt through only for a
   // recurrent state, which carries over from piece to piece
   const auto chunk = std::min(how == "prefill" ? n : kPrefillChunk, m.max_seq_len);
