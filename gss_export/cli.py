@@ -68,7 +68,7 @@ def export(
     rtol: Optional[float] = typer.Option(None, help="relative tolerance (default from the tolerance table: 1e-4)"),
     atol: Optional[float] = typer.Option(None, help="absolute tolerance (default 0)"),
     batch_sizes: str = typer.Option("1,3", help="batch sizes to validate, e.g. 1,3"),
-    lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,7,16,17,64,65,100,127,128,129,1000,1024,1025 and the maximum)"),
+    lengths: Optional[str] = typer.Option(None, help="lengths to validate (default 1,2,3,7,16,17,64,65,100,127,128,129,1000,1024,1025,8192,8193 up to the maximum, and the maximum)"),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline", help="ONNX weights beside the model (default: only when over 1.8 GB)"),
     decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="ONNX: also write decoder.onnx, the decoder with state for generation"),
     lambda_imag_exp: Optional[bool] = typer.Option(None, "--lambda-imag-exp/--no-lambda-imag-exp", help="GatedStateSpacesLM: the checkpoint's dss_kernel_lambda_imag_exp, which shapes cannot tell (default: upstream's, on)"),

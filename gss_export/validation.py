@@ -19,8 +19,8 @@ from .tolerances import Tolerance
 
 DEFAULT_BATCHES = (1, 3)
 # both sides of the FFT form's power-of-two boundaries (2n-1 crosses 128 at n=64/65, 256 at 128/129)
-# 16/17, 128/129, 1024/1025 and 8192/8193 straddle the monarch form's block-size changes, 128/129 the FFT form's
-DEFAULT_LENGTHS = (1, 2, 7, 16, 17, 64, 65, 100, 127, 128, 129, 1000, 1024, 1025, 8192, 8193)
+# 2/3, 16/17, 128/129, 1024/1025 and 8192/8193 straddle the monarch form's block-size changes, 128/129 the FFT form's
+DEFAULT_LENGTHS = (1, 2, 3, 7, 16, 17, 64, 65, 100, 127, 128, 129, 1000, 1024, 1025, 8192, 8193)
 
 # Tokens per checked call (batch x length) beyond which a length is checked at batch 1 only: a batch of 3
 # at 65,536 tokens needs about 7 GB of activations in onnxruntime alone (dim 512, depth 4), so without

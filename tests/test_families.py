@@ -14,9 +14,9 @@ from gss_export.errors import CheckpointError
 from gss_export.families import FAMILIES, GatedExponentialSmoothingLM, GatedStateSpacesLM
 
 FAMILIES_NEW = ("gss", "mhesa")
-# 1, 2, 7, 100, both sides of every block change of the convolution forms (monarch: 16/17, 128/129,
+# 1, 2, 7, 100, both sides of every block change of the convolution forms (monarch: 2/3, 16/17, 128/129,
 # 1024/1025; the FFT's powers of two at 64/65, 128/129) and the maximum
-LENGTHS = (1, 2, 7, 16, 17, 64, 65, 100, 128, 129, 1024, 1025, FAMILY_MAX_LEN)
+LENGTHS = (1, 2, 3, 7, 16, 17, 64, 65, 100, 128, 129, 1024, 1025, FAMILY_MAX_LEN)
 FORMS = ("direct", "fft", "monarch")
 
 
