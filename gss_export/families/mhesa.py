@@ -100,7 +100,12 @@ class MHESA(nn.Module):
         mixed = self.conv(u_heads, K) if whole else direct_causal_conv(u_heads, K)
         s = state.reshape(b, h, dim // h)
         carried_out = (alpha * Q[carried_lags(pad, t)]).unsqueeze(-1) * s.unsqueeze(1)  # (b, t, h, d)
-        fresh = (Q[:t].flip(0).unsqueeze(-1) * u_heads).sum(1)  # sum_m q^(t-1-m) u[m]: (b, h, d)
+        # sum_m q_h^(t-1-m) u[m, h, :] as one product over every (channel, head) pair, then each channel's own
+        # head: 8x the multiply-adds of the contraction, but a product, not a reduction along the sequence
+        # (which onnxruntime ran 30x slower)
+        per_head = torch.matmul(u.transpose(1, 2), Q[:t].flip(0))  # (b, dim, h)
+        own = torch.arange(dim, device=x.device).unsqueeze(1) // (dim // h) == torch.arange(h, device=x.device)
+        fresh = (per_head * own.to(x.dtype)).sum(-1).reshape(b, h, dim // h)
         new_state = Q[carried_decay(pad, t)].unsqueeze(-1) * s + fresh
         return (mixed + carried_out).reshape(b, t, dim) + u * self.param_D, new_state.reshape(b, dim)
 
