@@ -1,4 +1,5 @@
-"""Index helpers shared by the recurrent families (GSS's DSS, MHESA): one call of t new tokens per row.
+"""What the recurrent families (GSS's DSS, MHESA) share: the LM's step and prefill over per-layer
+states, and the index helpers for one call of t new tokens per row.
 
 A recurrent layer's state is a weighted sum of every input it has seen, and its contribution to a
 new position depends only on how many positions ago the state was last updated: nothing is indexed
