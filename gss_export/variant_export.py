@@ -15,8 +15,9 @@ import onnx
 from . import quality
 from .errors import GSSExportError, ValidationFailed
 from .families import GatedLM
-from .targets.onnx import save_onnx
 from .onnx_variants import INT8_ACTIVATIONS, VARIANTS, save_variant
+from .targets import TARGETS
+from .targets.onnx import save_onnx
 from .tolerances import QualityThreshold, quality_for
 
 DTYPES = {"fp16": "float16", "int8": "int8"}
@@ -40,7 +41,7 @@ class VariantRequest:
         The held-out text is needed only to validate (a non-byte-level model has no default)."""
         if self.kind not in VARIANTS:
             raise GSSExportError(f"unknown variant {self.kind!r}; choose one of {', '.join(VARIANTS)}")
-        if fmt != "onnx":
+        if not getattr(TARGETS.get(fmt), "variants", False):
             raise GSSExportError(f"--dtype fp16 and --quantize int8 make ONNX variants; {fmt} exports are float32: use --format onnx")
         if self.int8_activations not in INT8_ACTIVATIONS:
             raise GSSExportError(f"--int8-activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {self.int8_activations!r}")
