@@ -178,7 +178,7 @@ def read_state_dict(path, *, trust_pickle: bool = False) -> tuple[dict[str, torc
 
 
 def _size(sd: dict, what: str, candidates: list[tuple[str, int]], layers: list[int]) -> int:
-    """Dimension `axis` of the first 2-D tensor among candidate keys (`{i}` = layer index) present in sd."""
+    """Dimension `axis` of the first tensor among candidate keys (`{i}` = layer index) present in sd that has it."""
     for template, axis in candidates:
         for i in layers if "{i}" in template else [0]:
             t = sd.get(template.format(i=i))
