@@ -29,7 +29,6 @@ class DsConvConfig(FamilyConfig):
     dim_expansion_factor: float = 4
     max_seq_len: int = 2048
 
-
     def conv_geometry(self) -> tuple[int, int]:
         """(heads, head_dim) of the convolution."""
         return self.heads, self.dim_dsconv // self.heads

@@ -38,7 +38,6 @@ class ExponentialSmoothingConfig(FamilyConfig):
     dim_expansion_factor: float = 4
     max_seq_len: int = 2048
 
-
     def state_shapes(self) -> list[list]:
         return [["batch", self.dim_mhesa]] * self.depth
 

@@ -171,21 +171,21 @@ class Decoder:
         """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state.
 
         whole: run prefill.onnx (True) or decoder.onnx (False); by default prefill.onnx for more
-        than PREFILL_ABOVE tokens when the export has it.
+        than the export's prefill_above tokens when the export has it.
         """
         ids = check_ids(input_ids, self.config)
         t, limit = ids.shape[1], self.config["max_seq_len"]
         if whole and self.prefill_session is None:
             raise RuntimeInputError(f"{self.path.parent} has no {PREFILL_NAME} (re-export with gss-export --format onnx)")
+        if whole is None:
+            whole = self.prefill_session is not None and t > self.prefill_above
         if self.kind != "append":
-            session = self.prefill_session if (whole or (whole is None and t > self.prefill_above)) and self.prefill_session else self.session
+            session = self.prefill_session if whole else self.session
             call_pad = np.minimum(state.pending, t)
             outputs = session.run(None, {"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
             return outputs[0], RecurrentState(state.pending - call_pad, state.tokens + t - call_pad, outputs[1:])
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
-        if whole is None:
-            whole = self.prefill_session is not None and t > self.prefill_above
         slots = state.slots
         if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
             slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
