@@ -85,9 +85,31 @@ class DecoderState:
         return sum(a[: self.length].nbytes for a in self.slots.arrays)
 
     def rows(self, keep: np.ndarray) -> "DecoderState":
-        """The state of rows `keep` (indices) only, in new buffers."""
-        arrays = [np.ascontiguousarray(a[: self.length, keep]) for a in self.slots.arrays]
-        return DecoderState(self.pad[keep], self.length, _Slots(arrays, self.length))
+        """The state of rows `keep` (indices) only, in new buffers.
+
+        Slots that are padding for every kept row are dropped (one is kept: the graph needs a past),
+        so a batch whose long rows have left steps at the cost of the rows it still holds.
+        """
+        keep = np.asarray(keep, np.int64)
+        drop = int(self.pad[keep].min(initial=1)) - 1 if len(keep) else 0
+        arrays = [np.ascontiguousarray(a[drop : self.length, keep]) for a in self.slots.arrays]
+        return DecoderState(self.pad[keep] - drop, self.length - drop, _Slots(arrays, self.length - drop))
+
+    def join(self, other: "DecoderState") -> "DecoderState":
+        """This state's rows, then `other`'s, in one batch (new buffers).
+
+        Both are right-aligned on the longer one's slots, the shorter's rows gaining leading padding
+        slots (zeros: masked, so they must at least be finite), so every row appends at the same slot.
+        """
+        length = max(self.length, other.length)
+        arrays = []
+        for mine, theirs in zip(self.slots.arrays, other.slots.arrays):
+            joined = np.zeros((length, mine.shape[1] + theirs.shape[1], mine.shape[2]), np.float32)
+            joined[length - self.length :, : mine.shape[1]] = mine[: self.length]
+            joined[length - other.length :, mine.shape[1] :] = theirs[: other.length]
+            arrays.append(joined)
+        pad = np.concatenate([self.pad + length - self.length, other.pad + length - other.length])
+        return DecoderState(pad, length, _Slots(arrays, length))
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,11 @@ class RecurrentState:
 
     def rows(self, keep: np.ndarray) -> "RecurrentState":
         return RecurrentState(self.pending[keep], self.tokens[keep], [np.ascontiguousarray(a[keep]) for a in self.arrays])
+
+    def join(self, other: "RecurrentState") -> "RecurrentState":
+        """This state's rows, then `other`'s, in one batch: fixed-shape states simply stack."""
+        return RecurrentState(np.concatenate([self.pending, other.pending]), np.concatenate([self.tokens, other.tokens]),
+                              [np.concatenate([a, b]) for a, b in zip(self.arrays, other.arrays)])
 
 
 class Decoder:

@@ -127,27 +127,20 @@ class Generator:
         start = time.perf_counter()
         logits, state = self.decoder.prefill(batch)
         result.prefill_seconds = time.perf_counter() - start
-        active = np.arange(len(batch))  # rows still generating, in state order
-        shown = [0] * len(batch)  # tokens of each row already yielded
+        cap = limit if bounded and on_limit == "stop" else None
+        rows = [RowProgress(len(p), max_new_tokens, eos_id, stops, cap, made) for p, made in zip(batch, result.tokens)]
+        active = np.arange(len(batch)) if max_new_tokens > 0 else np.arange(0)  # rows still generating, in state order
         start = time.perf_counter()
-        for _ in range(max_new_tokens):
+        while len(active):
             tokens = choose(logits, sampling, [rngs[i] for i in active])
             keep = []
             for slot, (row, token) in enumerate(zip(active, tokens)):
-                made = result.tokens[row]
-                reason = _append(made, int(token), eos_id, stops)
-                # a tail that may still grow into a stop sequence is held back until it cannot
-                ready = len(made) if reason else len(made) - _stop_prefix(made, stops)
-                if not reason and bounded and on_limit == "stop" and len(batch[row]) + len(made) > limit:
-                    reason, ready = "max_seq_len", len(made)  # the newest token can no longer be fed
-                yield from ((int(row), t) for t in made[shown[row]:ready])
-                shown[row] = ready
-                if reason:
-                    result.stop_reasons[row] = reason
+                yield from ((int(row), t) for t in rows[row].add(int(token)))
+                if rows[row].reason:
+                    result.stop_reasons[row] = rows[row].reason
                 else:
                     keep.append(slot)
             if not keep:
-                active = active[:0]
                 break
             if len(keep) < len(active):  # a row finished: drop it from the batch (copies the state once)
                 active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
@@ -157,10 +150,40 @@ class Generator:
                 logits, state = self.decoder.step(tokens, state)
             result.steps += 1
             result.state_bytes = max(result.state_bytes, state.nbytes)
-        for row in active:
-            result.stop_reasons[row] = "max_new_tokens"
-            yield from ((int(row), t) for t in result.tokens[row][shown[row]:])
+        if max_new_tokens == 0:
+            result.stop_reasons[:] = ["max_new_tokens"] * len(batch)
         result.decode_seconds = time.perf_counter() - start
+
+
+class RowProgress:
+    """One sequence being generated: its tokens so far and the rules that end it.
+
+    A tail that may still grow into a stop sequence is held back until it cannot; `add` returns
+    the tokens that are safe to show, and sets `reason` when the row ends: "eos" or
+    "stop_sequence" (neither is kept), "max_seq_len" (the newest token can no longer be fed; only
+    when `limit` is given) or "max_new_tokens".
+    """
+
+    def __init__(self, prompt_length: int, max_new_tokens: int, eos_id: int | None = None,
+                 stops: Sequence[Sequence[int]] = (), limit: int | None = None, made: list[int] | None = None):
+        self.prompt_length, self.max_new_tokens, self.eos_id, self.limit = prompt_length, max_new_tokens, eos_id, limit
+        self.stops = [list(s) for s in stops if len(s)]
+        self.made = made if made is not None else []
+        self.sampled, self.shown, self.reason = 0, 0, ""
+
+    def add(self, token: int) -> list[int]:
+        """Take the next sampled token; the tokens that became safe to show."""
+        self.sampled += 1
+        self.reason = _append(self.made, token, self.eos_id, self.stops)
+        ready = len(self.made) if self.reason else len(self.made) - _stop_prefix(self.made, self.stops)
+        if not self.reason and self.limit is not None and self.prompt_length + len(self.made) > self.limit:
+            self.reason = "max_seq_len"
+        if not self.reason and self.sampled >= self.max_new_tokens:
+            self.reason = "max_new_tokens"
+        if self.reason:
+            ready = len(self.made)
+        shown, self.shown = self.shown, ready
+        return self.made[shown:ready]
 
 
 def _append(made: list[int], token: int, eos_id: int | None, stops: list[list[int]]) -> str:

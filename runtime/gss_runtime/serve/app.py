@@ -1,0 +1,267 @@
+"""The HTTP side of gss-serve: OpenAI's completions API on FastAPI, over one continuous-batching Engine.
+
+Handlers never run onnxruntime: they check the request, hand it to the engine's step loop and
+wait on an asyncio queue the loop's thread feeds, so health checks and streams stay responsive
+while the model computes.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import threading
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from ..decoder import Decoder
+from ..errors import RuntimeInputError
+from .engine import Engine, EngineStopped, Failed, Finished, Overloaded, Tokens
+from .engine import Request as EngineRequest
+from .metrics import ServerMetrics
+from .protocol import BYTE_VOCAB, APIError, CompletionRequest, completions_of, validation_error
+
+RETRY_AFTER_SECONDS = 1
+DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+class ModelHost:
+    """One exported model behind the server: its engine once loaded, or why it could not be.
+
+    model: a gss-export folder (decoder.onnx, prefill.onnx, config.json); name: what clients call it
+    (the folder's name by default); eos_id: a token that ends a completion unless `ignore_eos`.
+    """
+
+    def __init__(self, model: str | Path, name: str | None = None, provider: str = "auto", threads: int | None = None,
+                 max_batch: int = 32, max_queue: int = 256, eos_id: int | None = None):
+        self.model, self.name = Path(model), name or Path(model).resolve().name
+        self.provider, self.threads, self.max_batch, self.max_queue, self.eos_id = provider, threads, max_batch, max_queue, eos_id
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(running=lambda: self.engine.running if self.engine else 0,
+                                     waiting=lambda: self.engine.waiting if self.engine else 0)
+
+    def load(self) -> "ModelHost":
+        """Open the decoder and start the step loop (raises RuntimeInputError for an unusable model)."""
+        decoder = Decoder(self.model, provider=self.provider, threads=self.threads)
+        if self.eos_id is not None and not 0 <= self.eos_id < decoder.config["num_tokens"]:
+            raise RuntimeInputError(f"--eos-id {self.eos_id} is out of range [0, {decoder.config['num_tokens']})")
+        self.engine = Engine(decoder, self.max_batch, self.max_queue, self.metrics).start()
+        return self
+
+    def load_in_background(self, on_failure: Callable[[str], None] = lambda message: None) -> None:
+        def run():
+            try:
+                self.load()
+            except Exception as e:  # shown by /health and handed to the caller (gss-serve exits with it)
+                self.error = str(e) if isinstance(e, (ValueError, APIError)) else f"{type(e).__name__}: {e}"
+                on_failure(self.error)
+        threading.Thread(target=run, name="gss-load", daemon=True).start()
+
+    def ready(self) -> Engine:
+        if self.engine is None:
+            raise APIError(503, self.error or "the model is still loading", type="service_unavailable")
+        if not self.engine.alive:
+            raise APIError(503, self.engine.error or "the step loop has stopped", type="service_unavailable")
+        return self.engine
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def build_app(host: ModelHost, load: bool = True) -> FastAPI:
+    """The FastAPI application over `host`; load=True loads the model when the server starts
+    (health answers 503 until it has), else the host must already be loaded."""
+
+    async def lifespan(app: FastAPI):
+        if load:
+            host.load_in_background(getattr(app.state, "on_load_failure", lambda message: None))
+        yield
+        host.stop()
+
+    app = FastAPI(title="gss-serve", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        host.metrics.rejected.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return await api_error(request, validation_error(list(e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return await api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
+
+    @app.get("/health")
+    async def health():
+        try:
+            host.ready()
+        except APIError as e:
+            return JSONResponse({"status": "unavailable", "message": e.message}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(host.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        engine = host.ready()
+        config = engine.decoder.config
+        return {"object": "list", "data": [{
+            "id": host.name, "object": "model", "created": host.created, "owned_by": "gss-export",
+            "max_model_len": config["max_seq_len"], "family": config["family"], "num_tokens": config["num_tokens"],
+            "context": "bounded" if engine.decoder.bounded else "unbounded",
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        engine = host.ready()
+        body = _parse(await request.body())
+        if body.model is not None and body.model != host.name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {host.name!r}",
+                           param="model", code="model_not_found")
+        config = engine.decoder.config
+        asks = completions_of(body, config, host.eos_id)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        requests = [EngineRequest(c, partial(_post, loop, queue, i)) for i, c in enumerate(asks)]
+        try:
+            engine.submit(requests)
+        except Overloaded as e:
+            raise APIError(429, f"{e}; retry shortly", type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), type="service_unavailable") from None
+        reply = _Reply(host.name, config["num_tokens"] == BYTE_VOCAB, len(requests))
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(reply, queue, requests, usage), media_type="text/event-stream")
+        return await _collect(reply, queue, requests, request)
+
+    return app
+
+
+def _parse(raw: bytes) -> CompletionRequest:
+    """The body as JSON whatever its content type says (curl -d sends a form type), then checked."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(list(e.errors())) from None
+
+
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, event) -> None:
+    """Called on the step loop's thread: hand the event to the handler's event loop."""
+    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+
+class _Reply:
+    """Turns engine events into OpenAI's completion objects: text per choice, and the usage."""
+
+    def __init__(self, model: str, byte_level: bool, choices: int):
+        self.id, self.created, self.model, self.byte_level = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model, byte_level
+        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(choices)]
+        self.texts, self.ids = [""] * choices, [[] for _ in range(choices)]
+        self.reasons: list[str | None] = [None] * choices
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def text(self, index: int, ids: list[int], final: bool = False) -> str:
+        """The text of new tokens: bytes as UTF-8 as soon as characters are whole; other ids as ' 1 2'."""
+        if self.byte_level:
+            piece = self.utf8[index].decode(bytes(ids), final=final)
+        else:
+            piece = "".join(f" {t}" for t in ids)
+        self.texts[index] += piece
+        self.ids[index] += ids
+        return piece
+
+    def finish(self, index: int, event: Finished) -> str:
+        self.reasons[index] = event.reason
+        self.prompt_tokens += event.prompt_tokens
+        self.completion_tokens += event.completion_tokens
+        return self.text(index, [], final=True)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def envelope(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    @staticmethod
+    def choice(index: int, text: str, ids: list[int], reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
+
+
+async def _collect(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], http: Request):
+    """Wait for every choice to finish; a client that leaves first cancels its requests."""
+    left = len(requests)
+    try:
+        while left:
+            try:
+                index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if isinstance(event, Tokens):
+                reply.text(index, event.ids)
+            elif isinstance(event, Finished):
+                reply.finish(index, event)
+                left -= 1
+            elif isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+    finally:
+        for r in requests:
+            r.cancel()  # a no-op for those that ended
+    choices = [reply.choice(i, reply.texts[i], reply.ids[i], reply.reasons[i]) for i in range(len(requests))]
+    return reply.envelope(choices, usage=reply.usage())
+
+
+async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], include_usage: bool):
+    """Server-sent events: one chunk per piece, finish_reason on each choice's last, then [DONE].
+
+    When the client disconnects the response is cancelled here, and its requests leave the batch.
+    """
+    extra = {"usage": None} if include_usage else {}
+    left = len(requests)
+    try:
+        while left:
+            index, event = await queue.get()
+            if isinstance(event, Tokens):
+                chunk = reply.choice(index, reply.text(index, event.ids), event.ids, None)
+            elif isinstance(event, Finished):
+                chunk = reply.choice(index, reply.finish(index, event), [], event.reason)
+                left -= 1
+            else:
+                yield _sse(APIError(500, event.message, type="server_error").body())
+                return
+            yield _sse(reply.envelope([chunk], **extra))
+        if include_usage:
+            yield _sse(reply.envelope([], usage=reply.usage()))
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in requests:
+            r.cancel()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

@@ -1,0 +1,41 @@
+"""The server's Prometheus metrics, in a registry of their own (several servers may share a process).
+
+Names follow vLLM's where there is one, so existing dashboards need only the prefix changed.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# seconds; time to first token includes the queue and the prefill, so its buckets reach further
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """What the engine reports (first_token, next_token, finished) and what the server counts."""
+
+    def __init__(self, running=lambda: 0, waiting=lambda: 0):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("gss_num_requests_running", "Requests in the running batch", registry=r).set_function(running)
+        Gauge("gss_num_requests_waiting", "Requests queued for a place in the batch", registry=r).set_function(waiting)
+        self.ttft = Histogram("gss_time_to_first_token_seconds", "From arrival to the first sampled token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("gss_time_per_output_token_seconds", "Between consecutive tokens of one request",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.generated = Counter("gss_generation_tokens", "Tokens generated", registry=r)
+        self.prompt = Counter("gss_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.requests = Counter("gss_request_success", "Requests that ended, by finish reason", ["finished_reason"], registry=r)
+        self.rejected = Counter("gss_request_rejected", "Requests refused, by HTTP status", ["status"], registry=r)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.generated.inc()
+
+    def next_token(self, seconds: float) -> None:
+        self.tpot.observe(seconds)
+        self.generated.inc()
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.labels(reason).inc()
+        self.prompt.inc(prompt_tokens)

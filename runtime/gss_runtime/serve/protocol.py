@@ -1,0 +1,163 @@
+"""OpenAI's completions request, checked against the model, and its error object.
+
+Fields are OpenAI's, plus vLLM's extras `top_k`, `stop_token_ids` and `ignore_eos`. Types are
+strict (a string is not a number) and unknown fields are refused, so a typo in a field name is an
+error rather than a silently ignored option. Fields OpenAI has but this server cannot honour are
+accepted at their neutral value only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from ..generate import Sampling
+from .engine import Completion
+
+BYTE_VOCAB = 256
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+
+
+class APIError(Exception):
+    """An answer other than 200, as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Strict):
+    model: Optional[str] = None
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[int] = 1
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # OpenAI's, honoured at their neutral values only
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    suffix: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # vLLM's extras
+    top_k: Optional[int] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = False
+
+
+def _bad(message: str, param: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _unsupported(request: CompletionRequest) -> None:
+    neutral = {"echo": (False, None), "logprobs": (None, 0), "best_of": (None, 1), "presence_penalty": (None, 0.0),
+               "frequency_penalty": (None, 0.0), "suffix": (None, ""), "logit_bias": (None, {})}
+    for name, allowed in neutral.items():
+        if getattr(request, name) not in allowed:
+            raise _bad(f"{name} is not supported by this server (leave it out)", name, "unsupported_parameter")
+    if request.n not in (None, 1):
+        raise _bad(f"n must be 1 (one completion per prompt), got {request.n}", "n")
+
+
+def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
+    """The request's prompts as token ids, each checked: text for byte-level models, ids for any."""
+    prompt, vocab, limit = request.prompt, config["num_tokens"], config["max_seq_len"]
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not items:
+        raise _bad("prompt is empty: give a string, a list of token ids, or a list of either", "prompt")
+    out = []
+    for i, item in enumerate(items):
+        where = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            if vocab != BYTE_VOCAB:
+                raise _bad(f"this model's tokens are not bytes (num_tokens {vocab}): give {where} as a list of token ids", "prompt")
+            ids = list(item.encode("utf-8"))
+        else:
+            ids = list(item)
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise _bad(f"token id {bad} in {where} is out of range [0, {vocab})", "prompt")
+        if not ids:
+            raise _bad(f"{where} is empty: give at least one token", "prompt")
+        if len(ids) > limit:
+            raise _bad(f"{where} has {len(ids)} tokens; this model's max_seq_len is {limit}", "prompt", "context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+def completions_of(request: CompletionRequest, config: dict, eos_id: int | None) -> list[Completion]:
+    """One engine Completion per prompt, or APIError(400) naming the first bad field."""
+    _unsupported(request)
+    vocab = config["num_tokens"]
+    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    if max_tokens < 1:
+        raise _bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    temperature = 1.0 if request.temperature is None else request.temperature
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise _bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise _bad(f"top_p must be in (0, 1], got {request.top_p}", "top_p")
+    top_k = request.top_k
+    if top_k is not None and top_k < -1:
+        raise _bad(f"top_k must be -1 or 0 (off) or a positive integer, got {top_k}", "top_k")
+    if request.seed is not None and not 0 <= request.seed < 2**63:
+        raise _bad(f"seed must be in [0, 2^63), got {request.seed}", "seed")
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if stops and vocab != BYTE_VOCAB:
+        raise _bad(f"text stop sequences need a byte-level model; this one has num_tokens {vocab}: use stop_token_ids", "stop")
+    stop_ids = list(request.stop_token_ids or [])
+    bad = next((t for t in stop_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise _bad(f"stop token id {bad} is out of range [0, {vocab})", "stop_token_ids")
+    sampling = Sampling(temperature=temperature, top_k=top_k if top_k and top_k > 0 else None, top_p=request.top_p)
+    # a stop id is a one-token stop sequence: it ends the request and is not shown
+    sequences = [list(s.encode("utf-8")) for s in stops if s] + [[t] for t in stop_ids]
+    eos = None if request.ignore_eos else eos_id
+    return [Completion(p, max_tokens, sampling, request.seed, sequences, eos) for p in prompts_of(request, config)]
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """FastAPI's request validation errors as one 400 naming the first bad field."""
+    first = errors[0] if errors else {}
+    # a union's errors name the member type tried ("str", "list[int]"): the field's name is what users need
+    members = {"str", "int", "float", "bool", "dict"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in members and "[" not in str(p)]
+    if first.get("type") == "json_invalid":
+        return _bad(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg', ''))}", None)
+    param = loc[0] if loc else None
+    field_name = ".".join(loc) or "the request body"
+    message = first.get("msg", "invalid request")
+    if param == "prompt" and first.get("type") != "missing":
+        message = "prompt must be a string, a list of token ids, or a list of either"
+    elif param == "stop":
+        message = "stop must be a string or a list of strings"
+    elif not loc and first.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        message = "the request body must be a JSON object"
+    elif first.get("type") == "missing":
+        message = f"{field_name} is required"
+    elif first.get("type") == "extra_forbidden":
+        message = f"unknown field {field_name}"
+    else:
+        message = f"{field_name}: {message}"
+    return _bad(message, param)
