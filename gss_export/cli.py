@@ -1,6 +1,8 @@
 """`gss-export`: a thin typer layer over `gss_export.export.export_model`."""
 from __future__ import annotations
 
+import os
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -10,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gss_runtime.cli_support import guarded
+from gss_runtime.cli_support import Interrupted, guarded
 
 from . import DEFAULT_OPSET
 from .errors import GSSExportError, ValidationFailed
@@ -82,6 +84,19 @@ def export(
     heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
 ) -> None:
     """Export a gated-state-spaces LM checkpoint to ONNX, TorchScript, torch.export or AOTInductor, dynamic in batch and length, validated against eager PyTorch."""
+    args = dict(locals())
+    _signalled.clear()
+    written: list[bool] = []  # set once the export is in place
+    try:
+        _export(**args, written=written)
+    except Interrupted as e:
+        state = f"{output} was already written" if written else f"nothing was written to {output}"
+        raise Interrupted(e.signum, f"interrupted by {e.signal_name}: {state}") from None
+
+
+def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol, atol, batch_sizes, lengths, external_data,
+            decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text,
+            heldout_length, written) -> None:
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -90,6 +105,7 @@ def export(
     kind = _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
+    _signal_at("load")
     loaded = load_checkpoint(checkpoint, max_seq_len=max_seq_len, trust_pickle=trust_pickle, dss_kernel_lambda_imag_exp=lambda_imag_exp)
     cfg = loaded.config
     sizes = " ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "family")
@@ -111,6 +127,7 @@ def export(
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int, label: str) -> None:
+            _signal_at(stage)
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total, description=f"{stage}: {label}")
@@ -122,6 +139,7 @@ def export(
                 external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
                 variant=variant, on_progress=on_progress,
             )
+            written.append(True)
         except ValidationFailed as e:
             bar.stop()
             if e.report is not None:
@@ -138,6 +156,19 @@ def export(
     detail = f"conv={settings['conv']}" + (f", opset {settings['opset']}" if "opset" in settings else "")
     detail += f", {settings['dtype']}" if variant is not None else ""
     out.print(f"[green]wrote[/] {', '.join(str(Path(output) / f) for f in result.files)} ({detail})", highlight=False)
+
+
+_signalled: set[str] = set()
+
+
+def _signal_at(phase: str) -> None:
+    """For the tests of interruption: GSS_EXPORT_SIGNAL_AT=PHASE:SIGNAL (e.g. validate:SIGTERM) makes this process
+    send itself SIGNAL when PHASE (load, export, validate, decoder, publish) begins, an exact point however loaded
+    the machine is."""
+    phase_at, _, name = os.environ.get("GSS_EXPORT_SIGNAL_AT", "").partition(":")
+    if phase_at == phase and phase not in _signalled and hasattr(signal, name):
+        _signalled.add(phase)
+        signal.raise_signal(getattr(signal, name))
 
 
 def _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
@@ -213,7 +244,14 @@ def _typer_usage(e: Exception) -> int | None:
 def main() -> None:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(name="gss-export")(export)
-    guarded(lambda: app(standalone_mode=False, prog_name="gss-export"), (GSSExportError,), "GSS_EXPORT_DEBUG", _typer_usage)
+
+    def call() -> None:
+        # typer returns the exit code of its own exits (Ctrl-C while it parses: 130) instead of raising it
+        code = app(standalone_mode=False, prog_name="gss-export")
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
+
+    guarded(call, (GSSExportError,), "GSS_EXPORT_DEBUG", _typer_usage)
 
 
 if __name__ == "__main__":

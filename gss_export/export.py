@@ -18,7 +18,7 @@ from .tolerances import Tolerance, tolerance_for
 from .validation import ValidationReport, default_shapes, validate_decoder, validate_forward
 from .variant_export import VariantRequest, check as check_variant
 
-# (stage, done, total, label): stage is "export" or "validate"
+# (stage, done, total, label): stage is "export", "validate", "decoder" (or a variant's checks), then "publish"
 StageProgress = Callable[[str, int, int, str], None]
 
 
@@ -98,4 +98,5 @@ def export_model(
             "decoder_validation": decoder_report.to_dict() if decoder_report else None,
         })
         files = sorted(p.name for p in staging.iterdir())
+        progress("publish", 0, 1, f"writing {out_dir}")
     return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report, decoder_report=decoder_report)
