@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from .cli_support import guarded
+from .cli_support import Interrupted, guarded
 from .errors import RuntimeInputError
 from .generate import Generator, Sampling
 from .runner import GSSRunner, check_ids
@@ -29,19 +30,20 @@ def byte_text(token: int) -> str:
     return repr(bytes([token]))[2:-1]
 
 
-def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str]) -> list[int]:
+def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str], what: str = "the prompt") -> list[int]:
     """Exactly one of --prompt (text -> its UTF-8 bytes) or --prompt-ids ("1,2,3") -> token ids."""
     if (prompt is None) == (prompt_ids is None):
         raise RuntimeInputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if prompt is not None:
-        ids = list(prompt.encode("utf-8"))
+        # surrogateescape: bytes of the command line that are not UTF-8 come back as they were given
+        ids = list(prompt.encode("utf-8", errors="surrogateescape"))
     else:
         try:
             ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
         except ValueError:
-            raise RuntimeInputError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+            raise RuntimeInputError(f"{'--prompt-ids' if what == 'the prompt' else what} must be comma-separated integers, got {prompt_ids!r}") from None
     if not ids:
-        raise RuntimeInputError("the prompt is empty: give at least one token")
+        raise RuntimeInputError(f"{what} is empty: give at least one token")
     return ids
 
 
@@ -57,9 +59,9 @@ def _stop_sequences(stops: list[str], byte_level: bool) -> list[list[int]]:
     out = []
     for stop in stops:
         if stop.startswith("ids:"):
-            out.append(parse_prompt(None, stop[4:]))
+            out.append(parse_prompt(None, stop[4:], f"--stop {stop!r}"))
         elif byte_level:
-            out.append(list(stop.encode("utf-8")))
+            out.append(list(stop.encode("utf-8", errors="surrogateescape")))
         else:
             raise RuntimeInputError(f"--stop {stop!r}: text stop sequences need a byte-level model; give ids as ids:1,2")
     return out
@@ -79,12 +81,20 @@ def _count(minimum: int):
 
 
 def _non_negative(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite number (float() also reads nan and inf, which no option means)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -98,10 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", metavar="N", type=_count(0), default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", metavar="T", type=_non_negative, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", metavar="K", type=_count(1), help="sample among the k most likely tokens")
-    p.add_argument("--filter-thres", metavar="THRES", type=float, help="upstream's top-k: k = int((1 - thres) * vocab)")
-    p.add_argument("--top-p", metavar="P", type=float, help="sample among the most likely tokens holding this much probability")
-    p.add_argument("--seed", metavar="S", type=int, help="makes sampling reproducible")
-    p.add_argument("--eos-id", metavar="ID", type=int, help="stop when this token is generated (not printed)")
+    p.add_argument("--filter-thres", metavar="THRES", type=_number, help="upstream's top-k: k = int((1 - thres) * vocab)")
+    p.add_argument("--top-p", metavar="P", type=_number, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--seed", metavar="S", type=_count(0), help="makes sampling reproducible")
+    p.add_argument("--eos-id", metavar="ID", type=_count(0), help="stop when this token is generated (not printed)")
     p.add_argument("--stop", metavar="TEXT", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
     p.add_argument("--on-limit", metavar="stop|slide", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
     p.add_argument("--next", dest="next_tokens", metavar="N", type=_count(1), help="instead of generating, show the N most likely next tokens")
@@ -136,11 +146,15 @@ def run(
     generator = Generator(model, provider=provider, threads=threads)
     _check_text_prompt(generator.config["num_tokens"], prompt is not None)
     byte_level = generator.config["num_tokens"] == BYTE_VOCAB
-    generator.decoder.check_prompt(ids)  # before anything is printed
-    options = dict(
-        sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres),
-        seed=seed, eos_id=eos_id, stop_sequences=_stop_sequences(stop, byte_level), on_limit=on_limit,
-    )
+    # every check before anything is printed (the generator checks its options only once it starts)
+    generator.decoder.check_prompt(ids)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres)
+    sampling.check(generator.config["num_tokens"])
+    if eos_id is not None and eos_id >= generator.config["num_tokens"]:
+        raise RuntimeInputError(f"eos id {eos_id} is out of range [0, {generator.config['num_tokens']})")
+    if on_limit not in ("stop", "slide"):
+        raise RuntimeInputError(f"on_limit must be 'stop' or 'slide', got {on_limit!r}")
+    options = dict(sampling=sampling, seed=seed, eos_id=eos_id, stop_sequences=_stop_sequences(stop, byte_level), on_limit=on_limit)
     if json_output:
         result = generator.generate(ids, max_new_tokens, **options)
         made = result.tokens[0]
@@ -164,11 +178,19 @@ def run(
     sys.stdout.write(bytes(ids).decode("utf-8", errors="replace") if byte_level else " ".join(map(str, ids)))
     sys.stdout.flush()
 
+    made = []
+
     def show(_row: int, token: int) -> None:
+        made.append(token)
         sys.stdout.write(decoder.decode(bytes([token])) if byte_level else f" {token}")
         sys.stdout.flush()
 
-    result = generator.generate(ids, max_new_tokens, on_token=show, **options)
+    try:
+        result = generator.generate(ids, max_new_tokens, on_token=show, **options)
+    except Interrupted as e:  # end the line of text, then say how far it got
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise Interrupted(e.signum, f"interrupted by {e.signal_name} after {len(made)} tokens") from None
     sys.stdout.write((decoder.decode(b"", final=True) if byte_level else "") + "\n")
     sys.stderr.write(
         f"{len(result.tokens[0])} tokens, stopped by {result.stop_reasons[0]}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
