@@ -91,7 +91,7 @@ class DecoderState:
         so a batch whose long rows have left steps at the cost of the rows it still holds.
         """
         keep = np.asarray(keep, np.int64)
-        drop = int(self.pad[keep].min(initial=1)) - 1 if len(keep) else 0
+        drop = int(self.pad[keep].min()) - 1 if len(keep) else 0
         arrays = [np.ascontiguousarray(a[drop : self.length, keep]) for a in self.slots.arrays]
         return DecoderState(self.pad[keep] - drop, self.length - drop, _Slots(arrays, self.length - drop))
 

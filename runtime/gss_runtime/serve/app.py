@@ -214,26 +214,32 @@ class _Reply:
 async def _collect(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], http: Request):
     """Wait for every choice to finish; a client that leaves first cancels its requests."""
     left = len(requests)
+    watcher = asyncio.create_task(_watch(http, queue))
     try:
         while left:
-            try:
-                index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    return Response(status_code=499)
-                continue
+            index, event = await queue.get()
+            if event is None:  # the client has gone: nobody to answer
+                return Response(status_code=499)
             if isinstance(event, Tokens):
                 reply.text(index, event.ids)
             elif isinstance(event, Finished):
                 reply.finish(index, event)
                 left -= 1
             elif isinstance(event, Failed):
-                raise APIError(500, event.message, type="server_error")
+                raise APIError(event.status, event.message, type="server_error" if event.status == 500 else "service_unavailable")
     finally:
+        watcher.cancel()
         for r in requests:
             r.cancel()  # a no-op for those that ended
     choices = [reply.choice(i, reply.texts[i], reply.ids[i], reply.reasons[i]) for i in range(len(requests))]
     return reply.envelope(choices, usage=reply.usage())
+
+
+async def _watch(http: Request, queue: asyncio.Queue) -> None:
+    """Tell the collector when the client disconnects (a whole answer sends nothing until the end)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    queue.put_nowait((None, None))
 
 
 async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], include_usage: bool):
@@ -252,7 +258,7 @@ async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequ
                 chunk = reply.choice(index, reply.finish(index, event), [], event.reason)
                 left -= 1
             else:
-                yield _sse(APIError(500, event.message, type="server_error").body())
+                yield _sse(APIError(event.status, event.message, type="server_error").body())
                 return
             yield _sse(reply.envelope([chunk], **extra))
         if include_usage:

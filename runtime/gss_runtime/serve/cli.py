@@ -47,8 +47,13 @@ def run(args: argparse.Namespace) -> None:
 
     host = ModelHost(args.model, **options)
     app = build_app(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # end the running requests first, so their connections can close
+            host.stop()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=5))
     app.state.on_load_failure = lambda message: setattr(server, "should_exit", True)
     server.run()
     if host.error:

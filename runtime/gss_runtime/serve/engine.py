@@ -59,7 +59,10 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """The request cannot go on: the step loop died (status 500) or the server is stopping (503)."""
+
     message: str
+    status: int = 500
 
 
 Event = Tokens | Finished | Failed
@@ -161,19 +164,22 @@ class Engine:
             while True:
                 admitted = self._admit()
                 if admitted is None:
-                    return
+                    return self._fail_all(Failed("the server is shutting down", 503))
                 if admitted:
                     self._prefill(admitted)
                 if self._rows:
                     self._advance()
         except Exception as e:  # the loop is dead: fail everyone still here, and say why (health turns 503)
             self.error = f"the step loop stopped: {type(e).__name__}: {e}"
-            with self._wake:
-                left = [row.request for row in self._rows] + list(self._waiting)
-                self._rows, self._state = [], None
-                self._waiting.clear()
-            for request in left:
-                _tell(request, Failed(self.error))
+            self._fail_all(Failed(self.error))
+
+    def _fail_all(self, event: Failed) -> None:
+        with self._wake:
+            left = [row.request for row in self._rows] + list(self._waiting)
+            self._rows, self._state = [], None
+            self._waiting.clear()
+        for request in left:
+            _tell(request, event)
 
     def _admit(self) -> list[Request] | None:
         """Waiting requests that fit in the batch (blocks while there is nothing to do); None: stop."""

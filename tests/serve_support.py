@@ -1,0 +1,76 @@
+"""Starting a live gss-serve for tests, and reading its /metrics."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(model: Path, *options: str, ready_within: float = 90.0):
+    """`gss-serve MODEL OPTIONS` on a free loopback port, as a user runs it; yields its base URL."""
+    port = free_port()
+    command = Path(sys.executable).with_name("gss-serve")
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([str(command), str(model), "--port", str(port), "--log-level", "warning", *options],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_within
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"gss-serve exited with {proc.returncode}: {log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gss-serve was not healthy within {ready_within} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+        assert "Traceback" not in output, f"the server logged a traceback:\n{output[-3000:]}"
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics parsed as Prometheus text: sample name (with labels, if any) -> value."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def wait_for(check, within: float = 20.0, every: float = 0.05):
+    """Poll check() until it is truthy; its last value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)

@@ -1,0 +1,113 @@
+"""What continuous batching rests on, in process: states that join and leave a batch exactly, and a
+server that says when it cannot serve (loading, a dead step loop, shutting down)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import LONG_PROMPT
+from serve_support import wait_for
+
+
+@pytest.fixture(scope="module")
+def folders(example_onnx, family_exports):
+    return {"dsconv": example_onnx, "gss": family_exports("gss", "onnx"), "mhesa": family_exports("mhesa", "onnx")}
+
+
+def greedy_alone(decoder, prompt, new):
+    logits, state = decoder.prefill([prompt])
+    out = []
+    for _ in range(new):
+        out.append(int(logits[0].argmax()))
+        logits, state = decoder.step([out[-1]], state)
+    return out
+
+
+@pytest.mark.parametrize("family", ["dsconv", "gss", "mhesa"])
+def test_states_join_and_leave_a_batch_exactly(folders, family):
+    """A short row joins a long one mid-generation (and a long one a short one), the long one leaves:
+    every row's greedy tokens equal its solo run."""
+    from gss_runtime import Decoder
+
+    decoder = Decoder(folders[family], provider="cpu", threads=1)
+    prompts = [list(LONG_PROMPT[:200]), list(LONG_PROMPT[50:53]), list(LONG_PROMPT[10:150])]
+    want = [greedy_alone(decoder, p, 12) for p in prompts]
+    got = [[] for _ in prompts]
+    logits, state = decoder.prefill([prompts[0]])
+    rows = [0]
+    for step in range(24):
+        if step in (4, 6):  # rows 1 and 2 arrive while row 0 is running
+            new_logits, new_state = decoder.prefill([prompts[len(rows)]])
+            logits, state = np.concatenate([logits, new_logits]), state.join(new_state)
+            rows.append(len(rows))
+        tokens = [int(row.argmax()) for row in logits]
+        for r, t in zip(rows, tokens):
+            got[r].append(t)
+        keep = [i for i, r in enumerate(rows) if len(got[r]) < 12]
+        if not keep:
+            break
+        if len(keep) < len(rows):  # a row leaves; an appended state also drops the slots nobody needs
+            before, long_leaves = getattr(state, "length", None), 0 in rows and 0 not in [rows[i] for i in keep]
+            rows, logits, state = [rows[i] for i in keep], logits[keep], state.rows(np.array(keep))
+            if before is not None and long_leaves:
+                assert state.length < before
+        logits, state = decoder.step([tokens[i] for i in keep], state)
+    assert got == want
+
+
+def test_health_is_503_while_loading_and_after_the_step_loop_dies(folders):
+    from gss_runtime.serve.app import ModelHost, build_app
+
+    host = ModelHost(folders["mhesa"], threads=1)
+    gate, load = threading.Event(), host.load
+    host.load = lambda: (gate.wait(30), load())[1]
+    with TestClient(build_app(host)) as http:
+        assert http.get("/health").status_code == 503
+        refused = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert refused.status_code == 503 and "loading" in refused.json()["error"]["message"]
+        gate.set()
+        assert wait_for(lambda: http.get("/health").status_code == 200)
+        assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("onnxruntime failed")
+
+        host.engine.decoder.step = broken
+        failed = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
+        assert failed.status_code == 500 and "onnxruntime failed" in failed.json()["error"]["message"]
+        health = http.get("/health")
+        assert health.status_code == 503 and "onnxruntime failed" in health.json()["message"]
+        assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 503
+
+
+def test_a_stopping_engine_ends_its_requests(folders):
+    """What gss-serve does on SIGTERM: running and waiting requests end with 503 instead of hanging."""
+    from gss_runtime.serve.app import ModelHost, build_app
+
+    host = ModelHost(folders["mhesa"], threads=1, max_batch=1).load()
+    with TestClient(build_app(host, load=False)) as http:
+        results = []
+        asks = [threading.Thread(target=lambda: results.append(
+            http.post("/v1/completions", json={"prompt": "a", "max_tokens": 10**9}).status_code)) for _ in range(2)]
+        for t in asks:
+            t.start()
+        assert wait_for(lambda: host.engine.running == 1 and host.engine.waiting == 1)
+        host.stop()
+        for t in asks:
+            t.join(30)
+        assert results == [503, 503]
+
+
+def test_gss_serve_refuses_a_bad_model_folder_in_one_line(tmp_path):
+    command = Path(sys.executable).with_name("gss-serve")
+    proc = subprocess.run([str(command), str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: model path") and proc.stderr.count("\n") == 1, proc.stderr
+    proc = subprocess.run([str(command), str(tmp_path), "--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--max-batch" in proc.stderr and "Traceback" not in proc.stderr
