@@ -1,0 +1,86 @@
+"""gss-serve as a Ray Serve application: two replicas behind Ray's HTTP proxy on a local cluster,
+one of them killed; every request sent after the recovery completes with the right tokens.
+
+One small cluster (2 CPUs, no dashboard, an 80 MiB object store) is shared by the tests here.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import LONG_PROMPT
+from serve_support import free_port, metrics, wait_for
+
+APP = "gss"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_actors() -> set[tuple[str, str]]:
+    import ray
+
+    return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in a["name"]}
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or "GSSServer" not in app.deployments:
+        return 0
+    return app.deployments["GSSServer"].replica_states.get("RUNNING", 0)
+
+
+def ask_all(url: str, cases: list[dict]) -> list[tuple[int, list[int] | str]]:
+    def ask(case):
+        reply = httpx.post(f"{url}/v1/completions", json=case, timeout=120)
+        return reply.status_code, reply.json()["choices"][0]["token_ids"] if reply.status_code == 200 else reply.text
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(ask, cases))
+
+
+def test_two_replicas_survive_losing_one(cluster, example_onnx):
+    import ray
+    from ray import serve
+
+    from gss_runtime import Generator
+    from gss_runtime.serve.ray_app import build
+
+    # what `serve run gss_runtime.serve.ray_app:build model=... replicas=2 threads=1` builds
+    serve.run(build({"model": str(example_onnx), "replicas": "2", "threads": "1", "max_batch": "8"}), name=APP, route_prefix="/")
+    assert wait_for(lambda: running_replicas() == 2, within=120)
+    cases = [{"prompt": list(LONG_PROMPT[: 5 + 30 * i]), "max_tokens": 6 + i, "temperature": 0} for i in range(8)]
+    generator = Generator(example_onnx, provider="cpu", threads=1)
+    want = [generator.generate(c["prompt"], c["max_tokens"]).tokens[0] for c in cases]
+    assert ask_all(cluster, cases) == [(200, w) for w in want]
+    assert httpx.get(f"{cluster}/health").status_code == 200
+    assert metrics(cluster)["gss_num_requests_running"] == 0  # one replica's metrics: each has its own
+
+    before = replica_actors()
+    assert len(before) == 2
+    name, namespace = sorted(before)[0]
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    # the controller notices the dead replica and starts another in its place
+    assert wait_for(lambda: running_replicas() == 2 and len(replica_actors() - before) == 1, within=180, every=0.5)
+    time.sleep(1)  # the proxy's view of the replicas follows the controller's
+    assert ask_all(cluster, cases) == [(200, w) for w in want]
+    serve.delete(APP)
