@@ -86,8 +86,11 @@ def _load_torch(path: Path, kind: str, trust_pickle: bool, corrupt: str) -> obje
     if kind == "zip":
         if not zipfile.is_zipfile(path):  # a torch.save zip cut short has no central directory
             raise CheckpointError(corrupt + " (the zip archive torch.save writes is incomplete: truncated download or copy?)")
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except Exception as e:  # a damaged directory raises BadZipFile, or whatever its bytes make zipfile trip on
+            raise CheckpointError(f"{corrupt} (its zip directory is damaged: {_short(e)})") from e
         if not any(n.endswith("data.pkl") for n in names):
             raise CheckpointError(f"{path} is a zip archive but not a torch.save checkpoint (no data.pkl inside).")
     try:

@@ -1,6 +1,7 @@
 """`gss-export`: a thin typer layer over `gss_export.export.export_model`."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 from enum import Enum
@@ -102,6 +103,10 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
     from .tolerances import tolerance_for
     from .validation import DEFAULT_BATCHES, DEFAULT_LENGTHS, default_shapes
 
+    for flag, value in (("--rtol", rtol), ("--atol", atol), ("--min-top1", min_top1), ("--max-kl", max_kl)):
+        # typer's bounds let nan through, and a nan or negative tolerance fails (inf passes) every check
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise GSSExportError(f"{flag} must be a finite number of at least 0, got {value}")
     kind = _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)

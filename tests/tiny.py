@@ -44,3 +44,15 @@ def tiny_onnx(tmp_path_factory) -> Path:
         export_model(model, "onnx", out, conv="direct", validate=False)
         _made["onnx"] = out
     return _made["onnx"]
+
+
+def fuzz(examples: int):
+    """Hypothesis settings for the fuzz tests: derandomized (the same examples every run, so CI is
+    reproducible) and bounded; GSS_FUZZ_SCALE=10 runs ten times as many, for a deeper search by hand."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    scale = float(os.environ.get("GSS_FUZZ_SCALE", "1"))
+    return settings(derandomize=True, deadline=None, max_examples=max(1, int(examples * scale)),
+                    suppress_health_check=list(HealthCheck), print_blob=False)
