@@ -55,4 +55,4 @@ def fuzz(examples: int):
 
     scale = float(os.environ.get("GSS_FUZZ_SCALE", "1"))
     return settings(derandomize=True, deadline=None, max_examples=max(1, int(examples * scale)),
-                    suppress_health_check=list(HealthCheck), print_blob=False)
+                    suppress_health_check=list(HealthCheck), print_blob=False, database=None)
