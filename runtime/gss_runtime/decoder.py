@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from .errors import RuntimeInputError
 from .runner import check_ids
-from .session import check_provider, locate, open_session, read_config
+from .session import SPIN_ALWAYS, SPIN_NEVER, check_provider, locate, open_session, read_config
 
 DECODER_NAME = "decoder.onnx"
 PREFILL_NAME = "prefill.onnx"
@@ -138,13 +138,16 @@ class Decoder:
     """onnxruntime sessions over `decoder.onnx` and, where exported, `prefill.onnx`.
 
     model: a gss-export folder or the decoder .onnx file (prefill.onnx is looked for beside it).
+    spin: how decoder.onnx's idle threads wait. SPIN_ALWAYS (onnxruntime's default) also spins between
+    calls, the fastest when steps come back to back and nothing else runs; SPIN_IN_CALL stops at the
+    end of each call, for a server whose event loop and clients share the cores; SPIN_NEVER.
     """
 
-    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None, spin: str = SPIN_ALWAYS):
         check_provider(provider, threads)
         path = Path(model)
         self.path, config_file = locate(path, DECODER_NAME) if path.is_dir() else locate(path)
-        self.session = open_session(self.path, provider, threads)
+        self.session = open_session(self.path, provider, threads, spin=spin)
         self.providers: list[str] = self.session.get_providers()
         self.config: dict = read_config(self.path, config_file, self.session)
         depth = self.config["depth"]
@@ -164,7 +167,7 @@ class Decoder:
         prefill = self.path.with_name(PREFILL_NAME)
         self.prefill_session = None
         if prefill.is_file() and prefill != self.path:
-            self.prefill_session = open_session(prefill, provider, threads, spin=False)
+            self.prefill_session = open_session(prefill, provider, threads, spin=SPIN_NEVER if spin == SPIN_ALWAYS else spin)
             self._check_names(self.prefill_session, prefill)
 
     def _check_names(self, session, path: Path) -> None:

@@ -88,10 +88,17 @@ def read_config(path: Path, config_file: Path | None, session: ort.InferenceSess
     return {"family": family, **{k: config[k] for k in keys}}
 
 
-def _options(threads: int | None, quiet: bool = False, spin: bool = True) -> ort.SessionOptions:
+# how a session's idle threads wait: spinning between calls too (onnxruntime's default), spinning
+# between the operators of a call only (they stop when it returns), or never
+SPIN_ALWAYS, SPIN_IN_CALL, SPIN_NEVER = "always", "in_call", "never"
+
+
+def _options(threads: int | None, quiet: bool = False, spin: str = SPIN_ALWAYS) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    if not spin:
+    if spin == SPIN_NEVER:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spin == SPIN_IN_CALL:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
     if quiet:
@@ -107,10 +114,10 @@ def _session(path: Path, providers: list[str], options: ort.SessionOptions) -> o
         raise RuntimeInputError(f"{path} is not a loadable ONNX model: {message}") from None
 
 
-def open_session(path: Path, provider: str, threads: int | None, spin: bool = True) -> ort.InferenceSession:
-    """An onnxruntime session on `provider`. spin=False: its idle threads sleep instead of spinning, for a
-    graph called now and then (a prompt) beside one called back to back (the steps), whose threads
-    would otherwise compete with the spinning ones on a small machine."""
+def open_session(path: Path, provider: str, threads: int | None, spin: str = SPIN_ALWAYS) -> ort.InferenceSession:
+    """An onnxruntime session on `provider`. spin: SPIN_NEVER for a graph called now and then (a prompt)
+    beside one called back to back (the steps), whose threads would otherwise compete with the
+    spinning ones on a small machine; SPIN_IN_CALL where other work shares the cores between calls."""
     if provider == "cpu":
         return _session(path, [CPU], _options(threads, spin=spin))
     if CUDA not in ort.get_available_providers():

@@ -19,6 +19,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_count(0), default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=_count(1), default=32, help="requests generating at once, per replica (default 32)")
     p.add_argument("--max-queue", type=_count(0), default=256, help="requests waiting beyond them before 429 (default 256)")
+    p.add_argument("--max-prefill-tokens", type=_count(1), default=1024,
+                   help="prompt tokens admitted between two steps (default 1024): bounds the stall of running streams")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
     p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads (per replica)")
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
@@ -38,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     locate(args.model, DECODER_NAME)  # a wrong path fails here, before anything listens
     options = dict(name=args.name, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
-                   max_queue=args.max_queue, eos_id=args.eos_id)
+                   max_queue=args.max_queue, eos_id=args.eos_id, max_prefill_tokens=args.max_prefill_tokens)
     if args.ray:
         return _run_on_ray(args, options)
     import uvicorn

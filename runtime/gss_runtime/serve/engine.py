@@ -70,10 +70,16 @@ Event = Tokens | Finished | Failed
 
 @dataclass(eq=False)
 class Request:
-    """A completion in the engine. `deliver` is called from the step loop's thread with each Event."""
+    """A completion in the engine.
+
+    channel: called on the step loop's thread with the (request, Event) pairs of one step for every
+    request that shares it (one call per step, not per token: a server hands them to its event loop
+    in one wake-up); tag: whatever the receiver needs to route an event (e.g. its queue).
+    """
 
     completion: Completion
-    deliver: Callable[[Event], None]
+    channel: Callable[[list[tuple["Request", Event]]], None]
+    tag: object = None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -107,19 +113,24 @@ class NoMetrics:
 class Engine:
     """The step loop over one `Decoder`, shared by every request.
 
-    max_batch: requests running at once (rows of a step); max_queue: requests waiting beyond them.
+    max_batch: requests running at once (rows of a step); max_queue: requests waiting beyond them;
+    max_prefill_tokens: prompt tokens admitted between two steps (at least one prompt), which bounds
+    how long a burst of arrivals stalls the streams already running.
     """
 
-    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None):
-        if max_batch < 1 or max_queue < 0:
-            raise RuntimeInputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.decoder, self.max_batch, self.max_queue = decoder, max_batch, max_queue
+    def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None,
+                 max_prefill_tokens: int = 1024):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise RuntimeInputError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
+                                    f"{max_batch}, {max_prefill_tokens} and {max_queue}")
+        self.decoder, self.max_batch, self.max_queue, self.max_prefill_tokens = decoder, max_batch, max_queue, max_prefill_tokens
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.limit = decoder.config["max_seq_len"] if decoder.bounded else None
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
         self._state = None
         self._logits: np.ndarray | None = None
+        self._outbox: list[tuple[Request, Event]] = []  # this step's events, sent together by _flush
         self._wake = threading.Condition()
         self._stopping = False
         self.error: str | None = None
@@ -169,6 +180,7 @@ class Engine:
                     self._prefill(admitted)
                 if self._rows:
                     self._advance()
+                self._flush()
         except Exception as e:  # the loop is dead: fail everyone still here, and say why (health turns 503)
             self.error = f"the step loop stopped: {type(e).__name__}: {e}"
             self._fail_all(Failed(self.error))
@@ -179,7 +191,8 @@ class Engine:
             self._rows, self._state = [], None
             self._waiting.clear()
         for request in left:
-            _tell(request, event)
+            self._tell(request, event)
+        self._flush()
 
     def _admit(self) -> list[Request] | None:
         """Waiting requests that fit in the batch (blocks while there is nothing to do); None: stop."""
@@ -188,11 +201,15 @@ class Engine:
                 self._wake.wait()
             if self._stopping:
                 return None
-            admitted = []
+            admitted, tokens = [], 0
             while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                length = len(self._waiting[0].completion.prompt)
+                if admitted and tokens + length > self.max_prefill_tokens:
+                    break
                 request = self._waiting.popleft()
                 if not request.cancelled:
                     admitted.append(request)
+                    tokens += length
             return admitted
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -201,7 +218,7 @@ class Engine:
             logits, state = self.decoder.prefill([r.completion.prompt for r in requests])
         except RuntimeInputError as e:  # checked on arrival, so not expected; the others keep running
             for request in requests:
-                _tell(request, Failed(str(e)))
+                self._tell(request, Failed(str(e)))
             return
         with self._wake:
             if self._state is None:
@@ -225,8 +242,8 @@ class Engine:
                 self.metrics.next_token(now - row.last)
             row.last = now
             shown = row.progress.add(token)
-            if shown and not _tell(row.request, Tokens(shown)):
-                continue
+            if shown:
+                self._tell(row.request, Tokens(shown))
             if row.progress.reason:
                 self._finish(row)
             else:
@@ -244,14 +261,20 @@ class Engine:
         reason = REASONS[row.progress.reason]
         prompt_tokens = len(row.request.completion.prompt)
         self.metrics.finished(reason, prompt_tokens, row.progress.sampled)
-        _tell(row.request, Finished(reason, prompt_tokens, row.progress.sampled))
+        self._tell(row.request, Finished(reason, prompt_tokens, row.progress.sampled))
 
+    def _tell(self, request: Request, event: Event) -> None:
+        self._outbox.append((request, event))
 
-def _tell(request: Request, event: Event) -> bool:
-    """Deliver `event`; False (and the request cancelled) when its receiver is gone."""
-    try:
-        request.deliver(event)
-        return True
-    except Exception:  # e.g. the server's event loop has closed
-        request.cancel()
-        return False
+    def _flush(self) -> None:
+        """Send this step's events, one call per channel; a channel that fails cancels its requests."""
+        by_channel: dict = {}
+        for request, event in self._outbox:
+            by_channel.setdefault(request.channel, []).append((request, event))
+        self._outbox = []
+        for channel, items in by_channel.items():
+            try:
+                channel(items)
+            except Exception:  # e.g. the server's event loop has closed: nobody is listening
+                for request, _ in items:
+                    request.cancel()

@@ -16,7 +16,8 @@ from ray import serve
 from .app import ModelHost, build_app
 
 # ModelHost's options a replica takes, and their command-line spelling for `serve run ... key=value`
-OPTIONS = {"name": str, "provider": str, "threads": int, "max_batch": int, "max_queue": int, "eos_id": int}
+OPTIONS = {"name": str, "provider": str, "threads": int, "max_batch": int, "max_queue": int, "eos_id": int,
+           "max_prefill_tokens": int}
 
 
 @serve.deployment

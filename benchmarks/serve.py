@@ -1,0 +1,169 @@
+"""gss-serve under load: concurrent streams against the same requests served one after another.
+
+    python benchmarks/serve.py [--concurrency 1,4,16,64] [--prompt-tokens 64] [--new-tokens 128]
+                               [--threads 2] [--family dsconv|gss|mhesa] [--out benchmarks/results/serve]
+
+The reference model (dim 512, depth 4; GatedDsConvLM: heads 8, dim_dsconv 512; the recurrent
+families with upstream's defaults), random weights, exported to ONNX and served by a live
+`gss-serve --threads N` on loopback. A bounded asyncio client (aiohttp, which costs the shared
+cores less per chunk than httpx; one connection per stream, a timeout on each) sends greedy streamed completions of `--new-tokens` after distinct prompts of
+`--prompt-tokens` bytes. For each concurrency c, in one run:
+
+- concurrent: c streams sent at once;
+- one after another: the same c requests, each sent when the previous one has finished.
+
+Per request, time to first token (TTFT: from sending to the first token's chunk) and time per
+output token (TPOT: the mean gap between its later tokens); p50 and p99 over the requests, and
+the aggregate output tokens per second (all tokens over the wall time). Every concurrent stream's
+tokens are checked equal to its solo run. Writes OUT/results.json and OUT/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import numpy as np
+import torch
+
+from common import REFERENCE, cpu_name, reference_models
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from serve_support import free_port  # noqa: E402
+
+
+def export(family: str, folder: Path, max_seq_len: int) -> Path:
+    from gss_export.export import export_model
+    from gss_export.families import FAMILIES
+
+    if family == "dsconv":
+        model = reference_models(max_seq_len)[0]
+    else:
+        entry = FAMILIES[family]
+        torch.manual_seed(0)
+        config = entry.config(num_tokens=256, dim=512, depth=4, max_seq_len=max_seq_len)
+        model = entry.model(config)
+    export_model(model, "onnx", folder, validate=False)
+    return folder
+
+
+def start_server(folder: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("gss-serve")), str(folder), "--port", str(port), "--threads", str(threads),
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning"]
+    proc = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"gss-serve exited with {proc.returncode}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("gss-serve did not become healthy")
+
+
+async def one_stream(http: aiohttp.ClientSession, url: str, prompt: list[int], new: int) -> dict:
+    """Send one streamed greedy completion; its token ids and the arrival time of each."""
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True}
+    sent, arrivals, tokens = time.perf_counter(), [], []
+    async with http.post(f"{url}/v1/completions", json=body) as reply:
+        if reply.status != 200:
+            raise SystemExit(f"the server answered {reply.status}: {await reply.text()}")
+        async for line in reply.content:  # server-sent events, a line at a time
+            if not line.startswith(b"data: {"):
+                continue
+            ids = json.loads(line[6:])["choices"][0]["token_ids"]
+            if ids:
+                now = time.perf_counter()
+                arrivals += [now] * len(ids)
+                tokens += ids
+    gaps = np.diff(arrivals)
+    return {"tokens": tokens, "ttft": arrivals[0] - sent, "tpot": float(gaps.mean()) if len(gaps) else float("nan")}
+
+
+async def wave(url: str, prompts: list[list[int]], new: int, together: bool) -> tuple[list[dict], float]:
+    """The requests at once (together) or one after another; (per-request results, wall seconds)."""
+    connector = aiohttp.TCPConnector(limit=len(prompts) + 1)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        start = time.perf_counter()
+        if together:
+            results = await asyncio.gather(*(one_stream(http, url, p, new) for p in prompts))
+        else:
+            results = [await one_stream(http, url, p, new) for p in prompts]
+        return list(results), time.perf_counter() - start
+
+
+def summary(results: list[dict], seconds: float) -> dict:
+    ttft, tpot = [r["ttft"] for r in results], [r["tpot"] for r in results]
+    return {"ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3), "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3),
+            "tpot_p50_ms": float(np.percentile(tpot, 50) * 1e3), "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3),
+            "tokens": sum(len(r["tokens"]) for r in results), "seconds": seconds,
+            "tokens_per_second": sum(len(r["tokens"]) for r in results) / seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--family", default="dsconv", choices=("dsconv", "gss", "mhesa"))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "serve")
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(32, 127, args.prompt_tokens).tolist() for _ in range(max(levels))]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(args.family, Path(tmp) / "model", max_seq_len=max(1024, args.prompt_tokens + args.new_tokens))
+        proc, url = start_server(folder, args.threads, max(levels))
+        try:
+            asyncio.run(wave(url, prompts[:2], 8, together=True))  # warm-up
+            rows = []
+            for c in levels:
+                alone, alone_s = asyncio.run(wave(url, prompts[:c], args.new_tokens, together=False))
+                together, together_s = asyncio.run(wave(url, prompts[:c], args.new_tokens, together=True))
+                mismatched = sum(a["tokens"] != b["tokens"] for a, b in zip(alone, together))
+                rows.append({"concurrency": c, "concurrent": summary(together, together_s),
+                             "one_after_another": summary(alone, alone_s), "streams_not_equal_to_solo": mismatched})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    single = rows[0]["one_after_another"] if levels[0] == 1 else None
+    report = {"cpu": cpu_name(), "threads": args.threads, "family": args.family, "model": REFERENCE if args.family == "dsconv" else
+              {"num_tokens": 256, "dim": 512, "depth": 4}, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# gss-serve under load ({args.family}; {cpu_name()}, {args.threads} threads)", "",
+             f"{args.new_tokens} new tokens after {args.prompt_tokens}-token prompts, greedy, streamed. "
+             "Ratios against one stream alone (concurrency 1, served alone).", "",
+             "| streams | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | tokens/s | one after another: tokens/s | "
+             "x one stream | p99 TPOT / one stream's | equal to solo |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        c, a = row["concurrent"], row["one_after_another"]
+        gain = c["tokens_per_second"] / single["tokens_per_second"] if single else float("nan")
+        tpot = c["tpot_p99_ms"] / single["tpot_p50_ms"] if single else float("nan")
+        lines.append(f"| {row['concurrency']} | {c['ttft_p50_ms']:.1f} / {c['ttft_p99_ms']:.1f} | {c['tpot_p50_ms']:.2f} / "
+                     f"{c['tpot_p99_ms']:.2f} | {c['tokens_per_second']:.0f} | {a['tokens_per_second']:.0f} | {gain:.2f}x | "
+                     f"{tpot:.2f}x | {row['concurrency'] - row['streams_not_equal_to_solo']}/{row['concurrency']} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
