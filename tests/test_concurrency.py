@@ -82,3 +82,23 @@ def test_shared_objects_across_threads_equal_alone(model):
     assert len(results) == ROUNDS * len(work) and len(order) >= THREADS * 3
     wrong = [name for name, got in results if not same(got, alone[name])]
     assert not wrong, wrong
+
+
+def test_one_state_fed_from_many_threads_branches(model):
+    """8 threads step the same state with different tokens at once: each equals that step taken alone."""
+    decoder = Decoder(model, provider="cpu")
+    _, state = decoder.prefill([list(range(40, 90))])
+    tokens = list(range(100, 100 + THREADS))
+    alone = [decoder.step([t], state)[0] for t in tokens]
+    start = threading.Barrier(THREADS, timeout=120)
+
+    def step(token):
+        start.wait()
+        logits, after = decoder.step([token], state)
+        return logits, decoder.step([token], after)[0]  # and the branch goes on from its own slots
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(step, tokens))
+    assert all(np.array_equal(got, want) for (got, _), want in zip(results, alone))
+    seconds = [decoder.step([t], decoder.step([t], state)[1])[0] for t in tokens]
+    assert all(np.array_equal(got, want) for (_, got), want in zip(results, seconds))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,7 @@ class _Slots:
 
     def __init__(self, arrays: list[np.ndarray], filled: int):
         self.arrays, self.filled = arrays, filled
+        self.lock = threading.Lock()  # claiming slots is check-then-write: states fed from two threads
 
     def reserve(self, slots: int, limit: int) -> None:
         if slots > self.arrays[0].shape[0]:
@@ -217,9 +219,11 @@ class Decoder:
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
         slots = state.slots
-        if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
-            slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
-        slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)))
+        with slots.lock:
+            if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
+                slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
+            slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)))
+            slots.filled = state.length + t  # claimed before the call: a second feed of `state` branches off
         # the past goes in as views of the buffers and the graph writes the new entries straight into
         # their slots: nothing that grows with the context is copied
         session = self.prefill_session if whole else self.session
@@ -232,7 +236,6 @@ class Decoder:
         for name, buffer in zip(self.new_names, slots.arrays):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer[state.length : state.length + t]))
         session.run_with_iobinding(binding)
-        slots.filled = state.length + t
         return binding.get_outputs()[0].numpy(), DecoderState(state.pad, state.length + t, slots)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecoderState]:
@@ -259,10 +262,19 @@ class Decoder:
 
     def check_prompt(self, prompt) -> np.ndarray:
         """One prompt's ids, checked: (n,) int64. Past max_seq_len only for an appended state."""
-        limits = self.config if self.bounded else {**self.config, "max_seq_len": len(prompt) if hasattr(prompt, "__len__") else 0}
+        limits = self.config if self.bounded else {**self.config, "max_seq_len": max(np.shape(prompt)[-1:] or (0,)) if _sized(prompt) else 0}
         return check_ids(prompt, limits, one_sequence=True)[0]
 
     def step(self, tokens, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
         """One new token per row (b,) -> logits (b, num_tokens) for the token after it, and the state."""
         logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state)
         return logits[:, 0], state
+
+
+def _sized(prompt) -> bool:
+    """Whether the prompt has a length to check against (a 0-d array or a number has none)."""
+    try:
+        np.shape(prompt)
+    except ValueError:  # ragged: check_ids says so
+        return False
+    return True

@@ -28,6 +28,12 @@ class Sampling:
     filter_thres: float | None = None
 
     def check(self, vocab: int) -> None:
+        for name in ("temperature", "top_p", "filter_thres"):
+            value = getattr(self, name)
+            if value is not None and not _is_real(value):
+                raise RuntimeInputError(f"{name} must be a number, got {value!r}")
+        if self.top_k is not None and not _is_int(self.top_k):
+            raise RuntimeInputError(f"top_k must be a positive integer, got {self.top_k!r}")
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise RuntimeInputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and not 1 <= self.top_k:
@@ -44,7 +50,10 @@ def choose(logits: np.ndarray, sampling: Sampling, rngs: Sequence[np.random.Gene
     """logits (b, vocab) -> one token per row (b,) int64."""
     if sampling.temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    scores = logits.astype(np.float64) / sampling.temperature
+    # shifted by the row's max before dividing: a tiny temperature then sends every other score to -inf
+    # (greedy, as it should be) instead of overflowing them all to inf
+    scores = logits.astype(np.float64)
+    scores = (scores - scores.max(axis=-1, keepdims=True)) / sampling.temperature
     vocab = scores.shape[-1]
     k = sampling.top_k if sampling.filter_thres is None else int((1 - sampling.filter_thres) * vocab)
     if k is not None and k < vocab:
@@ -109,19 +118,31 @@ class Generator:
         on_limit: str = "stop",
         result: Generation | None = None,
     ) -> Iterator[tuple[int, int]]:
-        """Yield (row, token) as tokens are made. prompts: one id sequence or a list of them."""
+        """Yield (row, token) as tokens are made. prompts: one id sequence or a list of them.
+
+        The options are checked here, when it is called, before anything is computed or yielded.
+        """
         batch = [list(prompts)] if _is_single(prompts) else [list(p) for p in prompts]
-        vocab, limit = self.config["num_tokens"], self.config["max_seq_len"]
-        bounded = self.decoder.bounded  # a recurrent state has no limit on the context, only on each prompt
+        vocab = self.config["num_tokens"]
         sampling.check(vocab)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise RuntimeInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise RuntimeInputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if on_limit not in ("stop", "slide"):
             raise RuntimeInputError(f"on_limit must be 'stop' or 'slide', got {on_limit!r}")
-        if eos_id is not None and not 0 <= eos_id < vocab:
-            raise RuntimeInputError(f"eos id {eos_id} is out of range [0, {vocab})")
-        stops = [list(s) for s in stop_sequences if len(s)]
+        if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < vocab):
+            raise RuntimeInputError(f"eos id {eos_id!r} is not a token id in [0, {vocab})")
+        if seed is not None and not (_is_int(seed) and seed >= 0):
+            raise RuntimeInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(stop_sequences, (str, bytes)) or not all(
+                isinstance(s, (list, tuple, np.ndarray)) and all(_is_int(t) for t in s) for s in stop_sequences):
+            raise RuntimeInputError(f"stop_sequences must be a list of token id lists, got {stop_sequences!r}")
+        stops = [[int(t) for t in s] for s in stop_sequences if len(s)]
         result = result if result is not None else Generation([[] for _ in batch], [""] * len(batch))
+        return self._run(batch, max_new_tokens, sampling, seed, eos_id, stops, on_limit, result)
+
+    def _run(self, batch, max_new_tokens, sampling, seed, eos_id, stops, on_limit, result) -> Iterator[tuple[int, int]]:
+        limit = self.config["max_seq_len"]
+        bounded = self.decoder.bounded  # a recurrent state has no limit on the context, only on each prompt
         rngs = [np.random.default_rng(seed) for _ in batch]  # one stream per row: batching does not change draws
 
         start = time.perf_counter()
@@ -201,6 +222,14 @@ def _append(made: list[int], token: int, eos_id: int | None, stops: list[list[in
 def _stop_prefix(made: list[int], stops: list[list[int]]) -> int:
     """Length of the longest tail of `made` that is a proper prefix of a stop sequence."""
     return max((k for stop in stops for k in range(1, len(stop)) if made[-k:] == stop[:k]), default=0)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_single(prompts) -> bool:
