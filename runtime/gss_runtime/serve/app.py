@@ -227,6 +227,15 @@ class _Reply:
     def choice(index: int, text: str, ids: list[int], reason: str | None) -> dict:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
 
+    def chunk(self, index: int, text: str, ids: list[int], reason: str | None, usage_field: bool) -> str:
+        """One streamed chunk as an SSE event: `envelope([choice(...)])` written out from a template, since
+        every running stream sends one per step and the event loop shares the cores with the model."""
+        if not hasattr(self, "_head"):
+            self._head = json.dumps(self.envelope([]), separators=(",", ":"))[: -len("[]}")]
+        tail = ',"usage":null}' if usage_field else "}"
+        return (f'data: {self._head}[{{"index":{index},"text":{json.dumps(text)},"logprobs":null,"finish_reason":'
+                f'{json.dumps(reason)},"token_ids":[{",".join(map(str, ids))}]}}]{tail}\n\n')
+
 
 async def _collect(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], http: Request):
     """Wait for every choice to finish; a client that leaves first cancels its requests."""
@@ -264,7 +273,6 @@ async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequ
 
     When the client disconnects the response is cancelled here, and its requests leave the batch.
     """
-    extra = {"usage": None} if include_usage else {}
     left = len(requests)
     try:
         while left:
@@ -274,14 +282,13 @@ async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequ
             out = []
             for index, event in _coalesced(events):
                 if isinstance(event, Tokens):
-                    chunk = reply.choice(index, reply.text(index, event.ids), event.ids, None)
+                    out.append(reply.chunk(index, reply.text(index, event.ids), event.ids, None, include_usage))
                 elif isinstance(event, Finished):
-                    chunk = reply.choice(index, reply.finish(index, event), [], event.reason)
+                    out.append(reply.chunk(index, reply.finish(index, event), [], event.reason, include_usage))
                     left -= 1
                 else:
                     yield "".join(out) + _sse(APIError(event.status, event.message, type="server_error").body())
                     return
-                out.append(_sse(reply.envelope([chunk], **extra)))
             yield "".join(out)
         if include_usage:
             yield _sse(reply.envelope([], usage=reply.usage()))
