@@ -111,3 +111,25 @@ def test_gss_serve_refuses_a_bad_model_folder_in_one_line(tmp_path):
     assert proc.stderr.startswith("error: model path") and proc.stderr.count("\n") == 1, proc.stderr
     proc = subprocess.run([str(command), str(tmp_path), "--max-batch", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--max-batch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_server_runs_without_torch(folders, lang_reference):
+    """gss-serve's app, engine and Ray deployment import no torch (nor gss_export), and serve eager's tokens."""
+    import json
+
+    from conftest import LANG_NEW, LANG_PROMPT, run_without_torch
+
+    script = f"""
+import json, time
+from fastapi.testclient import TestClient
+import gss_runtime.serve.ray_app
+from gss_runtime.serve.app import ModelHost, build_app
+with TestClient(build_app(ModelHost({str(folders["dsconv"])!r}, threads=1))) as http:
+    while http.get("/health").status_code != 200:
+        time.sleep(0.05)
+    reply = http.post("/v1/completions", json={{"prompt": {LANG_PROMPT!r}, "max_tokens": {LANG_NEW}, "temperature": 0}})
+print(json.dumps(reply.json()["choices"][0]["token_ids"]))
+"""
+    done = run_without_torch(script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == lang_reference
