@@ -195,3 +195,27 @@ def test_models_and_health(servers):
         assert card["family"] == family and card["object"] == "model"
         assert card["context"] == ("bounded" if family == "dsconv" else "unbounded")
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_a_list_of_prompts_and_stop_strings(servers, folders):
+    """Several prompts in one request: one choice each, in order, each its solo run, streamed or not;
+    a stop string ends a choice with "stop" and is not returned, also when it spans two tokens."""
+    url = servers["dsconv"]
+    api, name = client(url), model_name(url)
+    prompts = ["The for statement", "A list is", "x"]
+    want = [solo(folders["dsconv"], list(p.encode()), 12) for p in prompts]
+    whole = api.completions.create(model=name, prompt=prompts, max_tokens=12, temperature=0, user="tests")
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.token_ids for c in whole.choices] == want
+    assert whole.usage.prompt_tokens == sum(len(p) for p in prompts) and whole.usage.completion_tokens == 36
+    pieces = {0: [], 1: [], 2: []}
+    for chunk in api.completions.create(model=name, prompt=prompts, max_tokens=12, temperature=0, stream=True):
+        pieces[chunk.choices[0].index] += chunk.choices[0].token_ids
+    assert [pieces[i] for i in range(3)] == want
+    text = bytes(want[0]).decode()
+    stop = text[3:5]  # two bytes: the first is held back until the second decides
+    cut = api.completions.create(model=name, prompt=prompts[0], max_tokens=12, temperature=0, stop=[stop, "unseen"])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in api.completions.create(
+        model=name, prompt=prompts[0], max_tokens=12, temperature=0, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
