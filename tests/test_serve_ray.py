@@ -84,3 +84,20 @@ def test_two_replicas_survive_losing_one(cluster, example_onnx):
     time.sleep(1)  # the proxy's view of the replicas follows the controller's
     assert ask_all(cluster, cases) == [(200, w) for w in want]
     serve.delete(APP)
+
+
+def test_the_application_takes_replicas_autoscaling_and_replica_options(example_onnx):
+    """What `gss-serve --ray` and `serve run ...:build key=value` configure (no cluster needed)."""
+    from gss_runtime.serve.ray_app import application, build
+
+    fixed = build({"model": str(example_onnx), "replicas": "3", "num_cpus": "0.5", "max_batch": "4", "threads": "2"})
+    deployment = fixed._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.ray_actor_options == {"num_cpus": 0.5}
+    assert deployment.init_args[1] == {"max_batch": 4, "threads": 2}
+    assert deployment.max_ongoing_requests > 4 + 256  # past the engine's own limit, so it answers 429 itself
+    auto = application(example_onnx, min_replicas=1, max_replicas=4, target_ongoing_requests=8)._bound_deployment
+    scaling = auto._deployment_config.autoscaling_config  # Ray keeps it there; no public accessor
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 8)
+    for bad in ({"replicas": "2"}, {"model": "m", "bogus": "1"}):
+        with pytest.raises(ValueError):
+            build(bad)
