@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import RuntimeInputError
 from ..generate import Sampling
 from .engine import Completion
 
@@ -131,6 +132,10 @@ def completions_of(request: CompletionRequest, config: dict, eos_id: int | None)
     if bad is not None:
         raise _bad(f"stop token id {bad} is out of range [0, {vocab})", "stop_token_ids")
     sampling = Sampling(temperature=temperature, top_k=top_k if top_k and top_k > 0 else None, top_p=request.top_p)
+    try:
+        sampling.check(vocab)  # what the runtime itself refuses never reaches the step loop
+    except RuntimeInputError as e:
+        raise _bad(str(e), "temperature") from None
     # a stop id is a one-token stop sequence: it ends the request and is not shown
     sequences = [list(s.encode("utf-8")) for s in stops if s] + [[t] for t in stop_ids]
     eos = None if request.ignore_eos else eos_id
