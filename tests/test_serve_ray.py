@@ -23,7 +23,7 @@ def cluster():
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _node_ip_address="127.0.0.1")  # the whole cluster on loopback
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
