@@ -6,6 +6,7 @@ overload, bad requests, client disconnects, health and metrics.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -109,6 +110,8 @@ def test_overload_answers_429(folders):
                 next(lines)
                 with second.stream("POST", f"{url}/v1/completions", json=body):
                     assert wait_for(lambda: metrics(url)["gss_num_requests_waiting"] == 1)
+                    asked = time.perf_counter()  # the step loop is busy: health still answers at once
+                    assert httpx.get(f"{url}/health").status_code == 200 and time.perf_counter() - asked < 1.0
                     refused = httpx.post(f"{url}/v1/completions", json={"prompt": "y", "max_tokens": 2})
                     assert refused.status_code == 429
                     assert refused.headers["retry-after"] == "1"
