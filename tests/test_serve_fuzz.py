@@ -47,7 +47,9 @@ def test_ids_in_ids_out(http):
     assert choice["finish_reason"] == ("stop" if want.stop_reasons[0] == "eos" else "length")
     ignored = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 10, "temperature": 0, "ignore_eos": True}).json()
     assert ignored["choices"][0]["finish_reason"] == "length"
-    for body, param in (({"prompt": "text"}, "prompt"), ({"prompt": [1], "stop": "x"}, "stop"), ({"prompt": [50]}, "prompt")):
+    too_many = {"prompt": [[1]] * 9}  # 4 running and 4 waiting at most: never admissible, so 400, not 429
+    for body, param in (({"prompt": "text"}, "prompt"), ({"prompt": [1], "stop": "x"}, "stop"), ({"prompt": [50]}, "prompt"),
+                        (too_many, "prompt")):
         refused = http.post("/v1/completions", json=body)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
 

@@ -142,6 +142,9 @@ def build_app(host: ModelHost, load: bool = True) -> FastAPI:
                            param="model", code="model_not_found")
         config = engine.decoder.config
         asks = completions_of(body, config, host.eos_id)
+        if len(asks) > engine.max_batch + engine.max_queue:  # could never be admitted together: not a 429
+            raise APIError(400, f"{len(asks)} prompts in one request; this server holds at most "
+                                f"{engine.max_batch + engine.max_queue} requests at once", param="prompt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         channel = channels.setdefault(loop, _LoopChannel(loop))
         requests = [EngineRequest(c, channel, (queue, i)) for i, c in enumerate(asks)]
