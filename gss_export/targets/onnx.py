@@ -81,26 +81,36 @@ def trace_onnx(target: GatedLM, *, opset: int, translation: dict | None = None) 
     """
     cfg = target.config
     example, dynamic = forward_signature(cfg)
+    # Inferred intermediate shapes can be wrong when DFT's length is computed in-graph
+    # (onnxruntime then fails with "Shape mismatch attempting to re-use buffer" at opset 20).
+    proto = dynamo_export(target, example, dynamic, opset=opset, inputs=["input_ids"], outputs=["logits"],
+                          translation=translation, drop_shapes=True)
+    _rename_symbolic_dims(proto, num_tokens=cfg.num_tokens)
+    return proto
+
+
+def dynamo_export(target: torch.nn.Module, example: tuple, dynamic, *, opset: int, inputs: list[str], outputs: list[str],
+                  translation: dict | None = None, drop_shapes: bool = False, what: str = "") -> onnx.ModelProto:
+    """torch.onnx's dynamo export at exactly `opset` (GSSExportError otherwise); drop_shapes: forget the
+    inferred intermediate shapes (wrong where sizes are computed in-graph, see `trace_onnx`)."""
     with quiet_tracing():
         program = torch.onnx.export(
             target,
             example,
             dynamo=True,
             opset_version=opset,
-            input_names=["input_ids"],
-            output_names=["logits"],
+            input_names=inputs,
+            output_names=outputs,
             dynamic_shapes=dynamic,
             custom_translation_table=translation or {},
             verbose=False,
         )
     proto = program.model_proto
-    # Inferred intermediate shapes can be wrong when DFT's length is computed in-graph
-    # (onnxruntime then fails with "Shape mismatch attempting to re-use buffer" at opset 20).
-    del proto.graph.value_info[:]
+    if drop_shapes:
+        del proto.graph.value_info[:]
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
-        raise GSSExportError(f"the exporter could not produce opset {opset} (it gave {got}); try --opset {got}")
-    _rename_symbolic_dims(proto, num_tokens=cfg.num_tokens)
+        raise GSSExportError(f"the exporter could not produce opset {opset}{what} (it gave {got}); try --opset {got}")
     return proto
 
 

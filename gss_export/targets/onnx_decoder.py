@@ -10,14 +10,12 @@ families): the cost of a forward, right for a prompt or a long continuation.
 from __future__ import annotations
 
 import onnx
-import torch
 
 from gss_runtime.decoder import DECODER_NAME, PREFILL_NAME
 
 from ..errors import GSSExportError
 from .decoder_io import StepGraph, input_names, output_names, step_signature
-from .signatures import quiet_tracing
-from .onnx import SUPPORTED_OPSETS, conv_translations
+from .onnx import SUPPORTED_OPSETS, conv_translations, dynamo_export
 
 # the runtime's file names
 FILE, PREFILL_FILE = DECODER_NAME, PREFILL_NAME
@@ -35,22 +33,7 @@ def build_decoder(model, *, opset: int, prefill: bool = False) -> onnx.ModelProt
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     example, dynamic = step_signature(c)
     target = StepGraph(model.with_conv(PREFILL_FORM if prefill else "direct"), whole=prefill).eval()
-    with quiet_tracing():
-        program = torch.onnx.export(
-            target,
-            example,
-            dynamo=True,
-            opset_version=opset,
-            input_names=input_names(c),
-            output_names=output_names(c),
-            dynamic_shapes=dynamic,
-            custom_translation_table=conv_translations(c, opset) if prefill else {},
-            verbose=False,
-        )
-    proto = program.model_proto
-    if prefill:  # in-graph sizes: inferred intermediate shapes can be wrong (see onnx.trace_onnx)
-        del proto.graph.value_info[:]
-    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if got != opset:
-        raise GSSExportError(f"the exporter could not produce opset {opset} for the decoder (it gave {got}); try --opset {got}")
-    return proto
+    # in-graph sizes in the prefill graph's conv: inferred intermediate shapes can be wrong (see onnx.trace_onnx)
+    return dynamo_export(target, example, dynamic, opset=opset, inputs=input_names(c), outputs=output_names(c),
+                         translation=conv_translations(c, opset) if prefill else None, drop_shapes=prefill,
+                         what=" for the decoder")
