@@ -196,13 +196,11 @@ class RowProgress:
         """Take the next sampled token; the tokens that became safe to show."""
         self.sampled += 1
         self.reason = _append(self.made, token, self.eos_id, self.stops)
-        ready = len(self.made) if self.reason else len(self.made) - _stop_prefix(self.made, self.stops)
         if not self.reason and self.limit is not None and self.prompt_length + len(self.made) > self.limit:
             self.reason = "max_seq_len"
         if not self.reason and self.sampled >= self.max_new_tokens:
             self.reason = "max_new_tokens"
-        if self.reason:
-            ready = len(self.made)
+        ready = len(self.made) if self.reason else len(self.made) - _stop_prefix(self.made, self.stops)
         shown, self.shown = self.shown, ready
         return self.made[shown:ready]
 
