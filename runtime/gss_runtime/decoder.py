@@ -262,19 +262,15 @@ class Decoder:
 
     def check_prompt(self, prompt) -> np.ndarray:
         """One prompt's ids, checked: (n,) int64. Past max_seq_len only for an appended state."""
-        limits = self.config if self.bounded else {**self.config, "max_seq_len": max(np.shape(prompt)[-1:] or (0,)) if _sized(prompt) else 0}
-        return check_ids(prompt, limits, one_sequence=True)[0]
+        if self.bounded:
+            return check_ids(prompt, self.config, one_sequence=True)[0]
+        try:
+            length = len(prompt)
+        except TypeError:  # a number or a 0-d array: check_ids says what is wrong with it
+            length = 0
+        return check_ids(prompt, {**self.config, "max_seq_len": length}, one_sequence=True)[0]
 
     def step(self, tokens, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
         """One new token per row (b,) -> logits (b, num_tokens) for the token after it, and the state."""
         logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state)
         return logits[:, 0], state
-
-
-def _sized(prompt) -> bool:
-    """Whether the prompt has a length to check against (a 0-d array or a number has none)."""
-    try:
-        np.shape(prompt)
-    except ValueError:  # ragged: check_ids says so
-        return False
-    return True
