@@ -201,6 +201,8 @@ class _Reply:
         self.texts, self.ids = [""] * choices, [[] for _ in range(choices)]
         self.reasons: list[str | None] = [None] * choices
         self.prompt_tokens = self.completion_tokens = 0
+        # a streamed chunk's envelope up to its choices, written once: every running stream sends a chunk per step
+        self._head = json.dumps(self.envelope([]), separators=(",", ":"))[: -len("[]}")]
 
     def text(self, index: int, ids: list[int], final: bool = False) -> str:
         """The text of new tokens: bytes as UTF-8 as soon as characters are whole; other ids as ' 1 2'."""
@@ -231,10 +233,8 @@ class _Reply:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
 
     def chunk(self, index: int, text: str, ids: list[int], reason: str | None, usage_field: bool) -> str:
-        """One streamed chunk as an SSE event: `envelope([choice(...)])` written out from a template, since
-        every running stream sends one per step and the event loop shares the cores with the model."""
-        if not hasattr(self, "_head"):
-            self._head = json.dumps(self.envelope([]), separators=(",", ":"))[: -len("[]}")]
+        """One streamed chunk as an SSE event: `envelope([choice(...)])` written out from the template, since
+        the event loop shares the cores with the model."""
         tail = ',"usage":null}' if usage_field else "}"
         return (f'data: {self._head}[{{"index":{index},"text":{json.dumps(text)},"logprobs":null,"finish_reason":'
                 f'{json.dumps(reason)},"token_ids":[{",".join(map(str, ids))}]}}]{tail}\n\n')
