@@ -3,6 +3,7 @@
     python benchmarks/suite.py [--lengths 1,16,64,128,256,512,1024,2048,4096] [--contexts 128,512,2048]
                                [--threads 2] [--out benchmarks/results]
     python benchmarks/suite.py --long [options of benchmarks/long_context.py]   # up to 65,536 tokens
+    python benchmarks/suite.py --int8 [--cpu native|avx2] [options of benchmarks/int8.py]
 
 Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1,
 exported with max_seq_len = the longest length. In one process, on the same threads:
@@ -80,6 +81,10 @@ def main() -> None:
         from long_context import main as long_main
 
         return long_main([a for a in sys.argv[1:] if a != "--long"])
+    if "--int8" in sys.argv[1:]:  # int8 against float32, on this CPU or as an AVX2-only one (--cpu avx2)
+        from int8 import main as int8_main
+
+        return int8_main([a for a in sys.argv[1:] if a != "--int8"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1,16,64,128,256,512,1024,2048,4096")
     parser.add_argument("--contexts", default="128,512,2048")

@@ -38,7 +38,14 @@ class Quantize(str, Enum):
 
 class Int8Activations(str, Enum):
     auto = "auto"
+    per_row = "per-row"
     per_tensor = "per-tensor"
+
+
+class Int8Cpu(str, Enum):
+    auto = "auto"
+    vnni = "vnni"
+    avx2 = "avx2"
 
 
 class Conv(str, Enum):
@@ -78,9 +85,10 @@ def export(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled objects in the checkpoint (runs code it contains: only for files you trust)"),
     dtype: DType = typer.Option(DType.fp32, "--dtype", help="ONNX: fp16 stores float16 weights and computes float16 where onnxruntime can"),
     quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="ONNX: int8 weights, activations quantized at run time (onnxruntime's tools)"),
-    int8_activations: Int8Activations = typer.Option(Int8Activations.auto, "--int8-activations", help="auto: one scale per tensor only where that is accurate; per-tensor: everywhere (fastest)"),
+    int8_activations: Int8Activations = typer.Option(Int8Activations.auto, "--int8-activations", help="auto: one scale per tensor where that is accurate, per row elsewhere; per-row / per-tensor: one kind everywhere"),
+    int8_cpu: Int8Cpu = typer.Option(Int8Cpu.auto, "--int8-cpu", help="int8 weight range for the CPU that will run it: vnni (full), avx2 ([-64, 64], no int16 overflow without VNNI); auto: this machine's"),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="fp16/int8: least top-1 agreement with float32 eager on held-out text (default 0.99 / 0.95)"),
-    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8: largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.03)"),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8: largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.02)"),
     heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8: text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
     heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
 ) -> None:
@@ -96,8 +104,8 @@ def export(
 
 
 def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol, atol, batch_sizes, lengths, external_data,
-            decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, min_top1, max_kl, heldout_text,
-            heldout_length, written) -> None:
+            decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl,
+            heldout_text, heldout_length, written) -> None:
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -107,7 +115,7 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
         # typer's bounds let nan through, and a nan or negative tolerance fails (inf passes) every check
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise GSSExportError(f"{flag} must be a finite number of at least 0, got {value}")
-    kind = _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol)
+    kind = _variant_kind(dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl, heldout_text, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
     _signal_at("load")
@@ -125,7 +133,8 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
 
         text = heldout(cfg.num_tokens, heldout_text) if heldout_text is not None else None
         # export_model checks the request (format, options) before it builds anything
-        variant = VariantRequest(kind, quality_for(kind, min_top1, max_kl), text, heldout_length, int8_activations.value)
+        variant = VariantRequest(kind, quality_for(kind, min_top1, max_kl), text, heldout_length, int8_activations.value,
+                                 int8_cpu.value)
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -176,7 +185,7 @@ def _signal_at(phase: str) -> None:
         signal.raise_signal(getattr(signal, name))
 
 
-def _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
+def _variant_kind(dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:
     """"fp16", "int8" or None (float32); option combinations that make no sense are refused (exit 2)."""
     kind = "fp16" if dtype is DType.fp16 else None
     if quantize is not None:
@@ -186,12 +195,14 @@ def _variant_kind(dtype, quantize, int8_activations, min_top1, max_kl, heldout_t
     if kind is None:
         extra = [flag for flag, given in (("--min-top1", min_top1 is not None), ("--max-kl", max_kl is not None),
                                           ("--heldout-text", heldout_text is not None),
-                                          ("--int8-activations", int8_activations is not Int8Activations.auto)) if given]
+                                          ("--int8-activations", int8_activations is not Int8Activations.auto),
+                                          ("--int8-cpu", int8_cpu is not Int8Cpu.auto)) if given]
         if extra:
             raise GSSExportError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} to --dtype fp16 or --quantize int8 exports only")
         return None
-    if kind == "fp16" and int8_activations is not Int8Activations.auto:
-        raise GSSExportError("--int8-activations applies to --quantize int8 only")
+    for flag, given in (("--int8-activations", int8_activations is not Int8Activations.auto), ("--int8-cpu", int8_cpu is not Int8Cpu.auto)):
+        if kind == "fp16" and given:
+            raise GSSExportError(f"{flag} applies to --quantize int8 only")
     if rtol is not None or atol is not None:
         raise GSSExportError("an fp16/int8 export is checked by top-1 agreement and KL divergence on held-out text "
                              "(--min-top1, --max-kl), not by --rtol/--atol")

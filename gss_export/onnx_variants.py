@@ -12,9 +12,11 @@
 - `int8`: `quant_pre_process` (shape inference + onnxruntime's graph optimisation, as
   onnxruntime recommends before quantizing), then `quantize_dynamic` (int8 weights, activations
   quantized per call with one scale per tensor) for the products of normalised inputs and the
-  embedding, and `MatMulNBitsQuantizer` (8-bit weights, activations quantized per row block) for
-  the products whose inputs have outlier positions (see `quantize_int8`). Only weight matrices are
-  quantized; activation x activation products (the convolution) stay float32.
+  embedding, and int8 products with one activation scale per row (`int8_products`, on
+  onnxruntime's QuantizeLinear and MatMulIntegerToFloat) for the products whose inputs have
+  outlier positions (see `quantize_int8`). The weight range follows the CPU's int8 kernels
+  (`int8_products.resolve_target`). Products narrower than 16 columns and activation x activation
+  products (the convolution) stay float32.
 
 The library returns values and prints nothing.
 """
@@ -32,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import GSSExportError
+from .int8_products import CPU_TARGETS, resolve_target, rewrite_per_row
 from .targets.onnx import save_onnx
 
 VARIANTS = ("fp16", "int8")
@@ -43,12 +46,20 @@ WHY = {
     "sequence_mixing": "the causal convolution, its Cos/Sin tables and the gating/residual arithmetic: "
                        "spectral products exceed float16's range at long lengths, table angles its precision",
 }
-INT8_ACTIVATIONS = ("auto", "per-tensor")
+INT8_ACTIVATIONS = ("auto", "per-row", "per-tensor")
 # producers whose outputs one scale per tensor fits: normalised per position, bounded (max/RMS 4-7 measured)
 NORMALISED = ("LayerNormalization", "Gelu")
-# 8-bit MatMulNBits takes blocks of 16-256; the largest that fits the inner dimension was fastest
-# (dim 512, 2 threads: 256 gave 1.35x over float32 at 2048 tokens, 128 1.27x, 64 1.13x)
-NBITS_BLOCKS = (16, 32, 64, 128, 256)
+NARROW = 16  # products with fewer output columns stay float32 (WHY_INT8["narrow"])
+WHY_INT8 = {
+    "narrow": "fewer than 16 output columns (the convolution kernel's projection to heads): int8 gains nothing at that "
+              "width, and its error reaches every position through the kernel (top-1 0.976 -> 0.964 on the example)",
+    "normalised": "its input comes out of LayerNormalization or Gelu: bounded per position, one scale per tensor fits",
+    "outliers": "its input is a sum (convolution output, gated product) with rare positions 10-30x the RMS: "
+                "one scale per tensor would lose the rest, so one scale per row",
+    "per-row": "--int8-activations per-row: one activation scale per row everywhere",
+    "per-tensor": "--int8-activations per-tensor: one activation scale per tensor everywhere (fastest, least accurate)",
+    "float": "activation x activation products (the convolution) have no weight to quantize: float32",
+}
 
 
 def file_bytes(path: Path) -> int:
@@ -120,17 +131,18 @@ def to_float16(proto: onnx.ModelProto, work: Path) -> tuple[onnx.ModelProto, dic
 
 
 def quantize_int8(fp32_path: Path, work: Path, activations: str = "auto", weight_type: str = "QInt8",
-                  per_channel: bool = False) -> tuple[onnx.ModelProto, dict]:
+                  per_channel: bool = True, cpu: str | dict = "auto") -> tuple[onnx.ModelProto, dict]:
     """Dynamic int8 quantization of the model at `fp32_path`; returns the model and what was quantized.
 
-    Every weight product gets int8 weights and int8 activations quantized at run time. How the
-    activations are scaled depends on where they come from: `quantize_dynamic` uses one scale per
-    tensor (DynamicQuantizeMatMul, onnxruntime's fastest int8 kernel, U8S8 on VNNI), which suits the
+    Every weight product of at least NARROW columns gets int8 weights (one scale per output column)
+    and int8 activations quantized at run time. How the activations are scaled depends on where
+    they come from: one scale per tensor (`quantize_dynamic`'s DynamicQuantizeMatMul) suits the
     outputs of LayerNormalization and Gelu; sums (the convolution's output, the gated product, the
     residual stream) have rare positions 10-30x their RMS, and one scale per tensor loses everything
-    else (top-1 agreement 0.81 on the example). With activations="auto" those go through
-    MatMulNBits (8-bit weights in blocks along the inner dimension, activations quantized per row
-    and block); activations="per-tensor" quantizes them like the rest (fastest, least accurate).
+    else (top-1 agreement 0.81 on the example), so with activations="auto" those get one scale per
+    row (`int8_products`). "per-row" and "per-tensor" use one kind everywhere. `cpu` ("auto": probed
+    on this machine; or `resolve_target`'s answer) sets the weight range: full on VNNI, [-64, 64] on
+    AVX2 (see `int8_products`).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -139,6 +151,10 @@ def quantize_int8(fp32_path: Path, work: Path, activations: str = "auto", weight
         raise GSSExportError(f"int8 weight type must be QInt8 or QUInt8, got {weight_type!r}")
     if activations not in INT8_ACTIVATIONS:
         raise GSSExportError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
+    if not isinstance(cpu, dict) and cpu not in CPU_TARGETS:
+        raise GSSExportError(f"--int8-cpu must be one of {', '.join(CPU_TARGETS)}, got {cpu!r}")
+    target = cpu if isinstance(cpu, dict) else resolve_target(cpu)
+    reduce_range = target["target"] == "avx2"
     pre, dynamic_out = work / "pre.onnx", work / "dynamic.onnx"
     # symbolic shape inference cannot follow the sizes computed in-graph (it would fail, and leave
     # sym_shape_infer_temp.onnx in the working directory); onnx shape inference + optimisation run
@@ -147,63 +163,55 @@ def quantize_int8(fp32_path: Path, work: Path, activations: str = "auto", weight
                       all_tensors_to_one_file=True, external_data_location=pre.name + ".data")
     model = onnx.load(str(pre), load_external_data=False)
     consts = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     made = {o: n.op_type for n in model.graph.node for o in n.output}
     products = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in consts]
-    per_tensor = [n.name for n in products if activations == "per-tensor" or made.get(n.input[0]) in NORMALISED]
-    per_row = [n.name for n in products if n.name not in per_tensor]
-    inner = {i.name: i.dims[0] for i in model.graph.initializer if i.dims}
-    blocks = {n.name: _block_size(inner[n.input[1]]) for n in products if n.name in per_row}
-    nbits = _nbits_quantizer() if per_row else None
-    with _quiet_logs():
-        quantize_dynamic(
-            str(pre), str(dynamic_out), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
-            op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=per_tensor + tables, extra_options={"MatMulConstBOnly": True},
-            use_external_data_format=external,
-        )
-        quantized = onnx.load(str(dynamic_out))
-        for block in sorted(set(blocks.values())):  # one pass per block size; each pass leaves the other products alone
-            # accuracy_level 4: int8 compute, the activations quantized per row in blocks along the inner dimension
-            config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,
-                                                        op_types_to_quantize=("MatMul",))
-            others = [n.name for n in quantized.graph.node if n.op_type == "MatMul" and blocks.get(n.name) != block]
-            quantizer = nbits.MatMulNBitsQuantizer(quantized, algo_config=config, nodes_to_exclude=others)
-            quantizer.process()
-            quantized = quantizer.model.model
+    scheme, why = {}, {}
+    for n in products:
+        if shapes[n.input[1]][-1] < NARROW:
+            scheme[n.name], why[n.name] = "float32", "narrow"
+        elif activations == "auto":
+            normalised = made.get(n.input[0]) in NORMALISED
+            scheme[n.name], why[n.name] = ("per-tensor", "normalised") if normalised else ("per-row", "outliers")
+        else:
+            scheme[n.name], why[n.name] = activations, activations
+    per_tensor = [n for n, s in scheme.items() if s == "per-tensor"]
+    per_row = {n for n, s in scheme.items() if s == "per-row"}
+    if per_tensor + tables:  # an empty nodes_to_quantize would mean "every node" to quantize_dynamic
+        with _quiet_logs():
+            quantize_dynamic(
+                str(pre), str(dynamic_out), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
+                reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=per_tensor + tables,
+                extra_options={"MatMulConstBOnly": True}, use_external_data_format=external,
+            )
+    quantized = onnx.load(str(dynamic_out if per_tensor + tables else pre))
+    rewrite_per_row(quantized, per_row, reduce_range)
     del quantized.graph.value_info[:]
     return quantized, {
         "variant": "int8",
         "dtype": "float32 activations between layers, int8 weights and int8 products",
-        "method": "onnxruntime.quantization: quant_pre_process, quantize_dynamic" + (", MatMulNBitsQuantizer" if per_row else ""),
+        "method": "onnxruntime.quantization: quant_pre_process; quantize_dynamic (per-tensor products, embedding); "
+                  "quantize_data weights with QuantizeLinear and MatMulIntegerToFloat (per-row products)",
         "activations": activations,
         "weight_type": weight_type, "per_channel": per_channel,
+        "cpu": target,
         "per_tensor_activations": {"MatMul": len(per_tensor), "Gather": len(tables)},
-        "per_row_block_activations": {"MatMul": len(per_row), "block_sizes": sorted(set(blocks.values()))} if per_row else {},
+        "per_row_activations": {"MatMul": len(per_row)},
+        "float_weight_products": sum(s == "float32" for s in scheme.values()),
+        "products": [{"node": n.name, "weight": shapes[n.input[1]], "input_from": made.get(n.input[0], "graph input"),
+                      "precision": "float32" if scheme[n.name] == "float32" else f"int8, {scheme[n.name]} activations",
+                      "why": why[n.name]} for n in products],
+        "why": {key: WHY_INT8[key] for key in sorted(set(why.values()))},
         "float_products": sum(n.op_type == "MatMul" and n.input[1] not in consts for n in model.graph.node),
+        "float_products_why": WHY_INT8["float"],
     }
-
-
-def _nbits_quantizer():
-    """onnxruntime's MatMulNBits quantizer with 8-bit support (onnxruntime 1.22 and later)."""
-    try:
-        from onnxruntime.quantization import matmul_nbits_quantizer
-    except ImportError:
-        raise GSSExportError(
-            f"--quantize int8 needs onnxruntime >= 1.22 for its 8-bit MatMulNBits quantizer (this is {_ort_version()}); "
-            "upgrade onnxruntime, or use --int8-activations per-tensor (less accurate)"
-        ) from None
-    return matmul_nbits_quantizer
 
 
 def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _block_size(inner: int) -> int:
-    """The largest 8-bit MatMulNBits block that does not exceed the inner dimension (no padding)."""
-    return max([b for b in NBITS_BLOCKS if b <= inner], default=NBITS_BLOCKS[0])
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import onnx
 from . import quality
 from .errors import GSSExportError, ValidationFailed
 from .families import GatedLM
+from .int8_products import CPU_TARGETS, resolve_target
 from .onnx_variants import INT8_ACTIVATIONS, VARIANTS, save_variant
 from .targets import TARGETS
 from .targets.onnx import save_onnx
@@ -33,6 +34,7 @@ class VariantRequest:
     heldout: quality.HeldOut | None = None
     window: int = quality.WINDOW
     int8_activations: str = "auto"
+    int8_cpu: str = "auto"  # the CPU the int8 weights are ranged for (int8_products.resolve_target)
     options: dict = field(default_factory=dict, init=False)
 
     def prepare(self, fmt: str, model: GatedLM, validate: bool = True) -> None:
@@ -50,7 +52,13 @@ class VariantRequest:
         self.threshold = self.threshold or quality_for(self.kind)
         if validate and self.heldout is None:
             self.heldout = quality.heldout(model.config.num_tokens)
-        self.options = {"activations": self.int8_activations} if self.kind == "int8" else {}
+        if self.kind == "int8":
+            if self.int8_cpu not in CPU_TARGETS:
+                raise GSSExportError(f"--int8-cpu must be one of {', '.join(CPU_TARGETS)}, got {self.int8_cpu!r}")
+            # once per export, so every file is ranged for the same CPU
+            self.options = {"activations": self.int8_activations, "cpu": resolve_target(self.int8_cpu)}
+        else:
+            self.options = {}
 
     def settings(self) -> dict:
         """What config.json's export settings say about the variant before it is built."""
@@ -104,11 +112,10 @@ def describe(settings: dict) -> str:
                 f"float32, convolution and gating/residual arithmetic: {sum(kept['sequence_mixing'].values())} nodes"
             )
         else:
-            per_row = rec["per_row_block_activations"]
+            cpu = rec["cpu"]
             lines.append(
-                f"{name}: int8 weights; {rec['per_tensor_activations']['MatMul']} products with one activation scale per tensor "
-                f"(DynamicQuantizeMatMul), {per_row.get('MatMul', 0)} with per-row blocks (MatMulNBits), "
-                f"{rec['per_tensor_activations']['Gather']} embedding table(s) int8; "
-                f"{rec['float_products']} activation x activation products (the convolution) float32"
+                f"{name}: int8 for {cpu['target']} ({cpu['chosen_by']}); activations scaled per tensor in "
+                f"{rec['per_tensor_activations']['MatMul']} products, per row in {rec['per_row_activations']['MatMul']}; "
+                f"float32: {rec['float_weight_products']} narrow products and the convolution"
             )
     return "\n".join(lines)

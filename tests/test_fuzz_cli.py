@@ -73,7 +73,8 @@ EXPORT = {
     "--batch-sizes": INT_LIST, "--lengths": INT_LIST, "--no-validate": None, "--external-data": None, "--inline": None,
     "--no-decoder": None, "--lambda-imag-exp": None, "--trust-pickle": None,
     "--dtype": mostly(st.sampled_from(["fp32", "fp16"])), "--quantize": mostly(st.just("int8")),
-    "--int8-activations": mostly(st.sampled_from(["auto", "per-tensor"])), "--min-top1": FLOAT, "--max-kl": FLOAT,
+    "--int8-activations": mostly(st.sampled_from(["auto", "per-row", "per-tensor"])),
+    "--int8-cpu": mostly(st.sampled_from(["auto", "vnni", "avx2"])), "--min-top1": FLOAT, "--max-kl": FLOAT,
     "--heldout-text": st.sampled_from(["text", "empty", "ids", "missing", "folder"]), "--heldout-length": INT,
 }
 

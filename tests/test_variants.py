@@ -96,14 +96,23 @@ def test_fp16_stores_weights_in_fp16_and_says_what_stayed_fp32(variants):
 
 
 def test_int8_quantizes_every_weight_product(variants):
+    config = json.loads((variants["int8"] / "config.json").read_text())["export"]["variant"]
+    assert config["cpu"]["target"] in ("vnni", "avx2") and config["cpu"]["chosen_by"] == "probed on the exporting machine"
     for name in FILES:
         model = onnx.load(str(variants["int8"] / name))
         ops = {n.op_type for n in model.graph.node}
-        assert {"MatMulInteger", "MatMulNBits"} <= ops or {"DynamicQuantizeLinear", "MatMulNBits"} <= ops
-        big_float = [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and np.prod(i.dims) > 1024]
-        assert big_float == []  # no float32 weight matrix is left
+        assert {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "MatMulIntegerToFloat"} <= ops
+        floats = {i.name: list(i.dims) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+        # float32 weight matrices left: only the narrow ones (dim x heads: the convolution kernel's projection)
+        assert floats and all(dims[-1] < 16 for dims in floats.values()), floats
         meta = {p.key: p.value for p in model.metadata_props}
         assert json.loads(meta["gss_export.variant"])["variant"] == "int8" and "gss_export.model" in meta
+        record = config["files"][name]
+        assert record["cpu"] == config["cpu"]  # every file ranged for the same CPU
+        precisions = {p["precision"] for p in record["products"]}
+        assert precisions == {"int8, per-tensor activations", "int8, per-row activations", "float32"}
+        assert all(p["why"] in record["why"] for p in record["products"])
+        assert sum(p["precision"] == "float32" for p in record["products"]) == len(floats) == 3  # one per layer
 
 
 @pytest.mark.parametrize("kind", BARS)
