@@ -48,3 +48,27 @@ def test_weight_products_are_found_inside_if_branches_and_only_there(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph), path)
     assert weight_product_nodes(str(path)) == {"weight_top", "weight_in_branch"}
+
+
+def test_int8_targets_read_the_default_setting_from_128_tokens():
+    from int8 import SETTINGS, TARGETS, report
+
+    def results(ms_128: float, top1_decoder: float, decode_int8: float) -> dict:
+        prefill = [{"length": n, "ms": {"float32": 10.0, **{k: ms for k in SETTINGS}}}
+                   for n, ms in ((64, 9.9), (128, ms_128), (512, 6.0))]
+        quality = [{"setting": k, "top1": 0.97, "top1_decoder": top1_decoder, "kl": 0.01, "kl_decoder": 0.015} for k in SETTINGS]
+        machine = {"cpu": "test CPU", "seen_as": "avx2", "cpu_features": ["AVX2"], "int8_target": "avx2", "threads": 2,
+                   "onnxruntime": "x", "torch": "y"}
+        return {"machine": machine, "targets": TARGETS, "prefill": prefill, "quality": quality,
+                "decode": [{"context": 128, "ms_per_token": {"float32": 1.0, "int8": decode_int8}}]}
+
+    table = report(results(7.0, 0.96, 0.9))
+    assert "AVX-512, AVX-VNNI and AMX hidden" in table and "int8 target probed: avx2" in table
+    assert "| >= 1.3x float32 prefill from 128 tokens | 1.43x | yes |" in table  # 64 tokens (1.01x) not counted
+    assert "| top-1 >= 0.95 (model, decoder) | 0.9600 | yes |" in table
+    assert "| mean KL <= 0.02 (model, decoder) | 0.0150 | yes |" in table
+    assert "| decode no slower than float32 | 1.11x | yes |" in table
+    table = report(results(8.0, 0.94, 1.1))
+    assert "| >= 1.3x float32 prefill from 128 tokens | 1.25x | no |" in table
+    assert "| top-1 >= 0.95 (model, decoder) | 0.9400 | no |" in table
+    assert "| decode no slower than float32 | 0.91x | no |" in table
