@@ -56,10 +56,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
+    """What gss-run's sessions use: these threads, and the int8 guard (gss_runtime.int8_cpu)."""
+    from gss_runtime.int8_cpu import guard
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return options
+    return guard(options)
 
 
 class MachineLimits:

@@ -16,11 +16,13 @@ Why the weight range depends on the CPU: without VNNI (AVX2, e.g. AMD Zen 3), ML
 u8 x s8 pairs with `vpmaddubsw`, whose int16 sums saturate above 32767 (255 * 127 * 2 = 64770).
 onnxruntime's remedy is `reduce_range`: weights in [-64, 64], so no pair can overflow (255 * 64
 * 2 = 32640). With VNNI (`vpdpbusd`, AVX-512 VNNI or AVX-VNNI) the sums are int32 and the full
-range is exact. `probe_saturation` asks onnxruntime itself, on this machine, which kernel it has.
+range is exact. `gss_runtime.int8_cpu.u8s8_saturates` asks onnxruntime itself, on this machine,
+which kernel it has (the runtime uses the same answer to keep VNNI-ranged exports exact on AVX2).
 """
 from __future__ import annotations
 
 import numpy as np
+from gss_runtime.int8_cpu import u8s8_saturates
 from onnx import TensorProto, helper, numpy_helper
 
 CPU_TARGETS = ("auto", "vnni", "avx2")
@@ -31,29 +33,6 @@ WHY_TARGET = {
 }
 ZERO = 128  # the uint8 zero point of symmetric activations
 TINY = np.float32(1e-30)  # a row of zeros gets max|A| = this instead of 0 (its products are 0 either way)
-
-
-def probe_saturation() -> bool:
-    """Whether onnxruntime's CPU MatMulInteger (u8 x s8) saturates int16 pair sums on this machine.
-
-    Rows of 255 times a column of 127: the exact sum is 255 * 127 * K; AVX2's `vpmaddubsw` clamps
-    each pair at 32767 and gives 32767 * K / 2.
-    """
-    import onnxruntime as ort
-
-    k = 64
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "saturation_probe",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 8])],
-        [numpy_helper.from_array(np.full((k, 8), 127, np.int8), "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"a": np.full((16, k), 255, np.uint8)})[0]
-    return bool((got != 255 * 127 * k).any())
 
 
 def cpu_features() -> list[str]:
@@ -72,7 +51,7 @@ def resolve_target(target: str = "auto") -> dict:
     """{"target": "vnni" | "avx2", "chosen_by": ..., "why": ..., "cpu_features": [...]} for `target`."""
     features = cpu_features()
     if target == "auto":
-        target = "avx2" if probe_saturation() else "vnni"
+        target = "avx2" if u8s8_saturates() else "vnni"
         chosen = "probed on the exporting machine"
     else:
         chosen = "--int8-cpu"

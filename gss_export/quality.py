@@ -163,10 +163,11 @@ def measure(run: Callable[[np.ndarray], np.ndarray], want: np.ndarray, batch: np
 
 
 def model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """ids (length,) -> logits (length, vocab) through model.onnx on onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    """ids (length,) -> logits (length, vocab) through model.onnx on onnxruntime's CPU provider, opened as
+    the runtime opens it (its int8 guard included)."""
+    from gss_runtime.session import open_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path, "cpu", None)
     return lambda ids: session.run(["logits"], {"input_ids": ids[None]})[0][0]
 
 

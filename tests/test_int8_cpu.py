@@ -19,7 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLE
-from gss_export.int8_products import probe_saturation, resolve_target, rewrite_per_row
+from gss_export.int8_products import resolve_target, rewrite_per_row
+from gss_runtime.int8_cpu import PROBE, u8s8_saturates
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -85,11 +86,22 @@ def test_per_row_products_match_float(reduce_range):
 def test_probe_matches_the_cpu(avx2_only):
     """Natively the probe says what the CPU flags say; with AVX-512 hidden it sees an AVX2-only CPU."""
     vnni = bool(FLAGS & {"avx512_vnni", "avx_vnni"})
-    assert probe_saturation() is (not vnni)
+    assert u8s8_saturates() is (not vnni)
     assert resolve_target()["target"] == ("vnni" if vnni else "avx2")
     seen = json.loads(in_subprocess("import json; from gss_export.int8_products import resolve_target; print(json.dumps(resolve_target()))", avx2_only))
     assert seen["target"] == "avx2" and "AVX512F" not in seen["exporting_cpu_features"] and "AVX2" in seen["exporting_cpu_features"]
     assert resolve_target("vnni")["chosen_by"] == "--int8-cpu"
+
+
+def test_the_probe_file_is_the_product_it_claims():
+    """The runtime's probe (an ONNX file, since the runtime has no onnx package) against its description."""
+    probe = onnx.load(str(PROBE))
+    onnx.checker.check_model(probe)
+    (node,) = probe.graph.node
+    (b,) = probe.graph.initializer
+    assert node.op_type == "MatMulInteger" and list(node.input) == ["a", "b"]
+    assert np.array_equal(numpy_helper.to_array(b), np.full((64, 8), 127, np.int8))
+    assert probe.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
 
 
 RUN_WINDOW = """
@@ -101,9 +113,19 @@ np.save({out!r}, s.run(["logits"], {{"input_ids": ids}})[0])
 """
 
 
+RUN_RUNTIME = """
+import numpy as np
+from gss_runtime import GSSRunner
+from gss_export.corpus import load_corpus
+ids = np.frombuffer(load_corpus()[1], np.uint8).astype(np.int64)[1000:1512][None]
+np.save({out!r}, GSSRunner({path!r}, provider="cpu").logits(ids))
+"""
+
+
 def test_avx2_ranged_export_is_the_same_on_both_kernels(avx2_only, tmp_path):
     """--int8-cpu avx2: every int8 weight in [-64, 64], so AVX2's u8s8 kernel (int16 pair sums) cannot
-    overflow: logits on the AVX2 kernels equal those on this CPU's. Full-range weights do not."""
+    overflow: logits on the AVX2 kernels equal those on this CPU's. Full-range weights overflow in a
+    plain session, and not in gss_runtime's, which turns on onnxruntime's exact products there."""
     from gss_export.checkpoint import load_checkpoint
     from gss_export.export import export_model
     from gss_export.variant_export import VariantRequest
@@ -120,11 +142,14 @@ def test_avx2_ranged_export_is_the_same_on_both_kernels(avx2_only, tmp_path):
                      if i.data_type == TensorProto.INT8 and len(i.dims) == 2)
         assert widest == (64 if cpu == "avx2" else 127)
         logits = {}
-        for where, env in (("native", None), ("avx2", avx2_only)):
-            path = tmp_path / f"{cpu}_{where}.npy"
-            in_subprocess(RUN_WINDOW.format(path=str(out / "model.onnx"), out=str(path)), env)
+        for where, env, code in (("native", None, RUN_WINDOW), ("avx2", avx2_only, RUN_WINDOW), ("avx2 runtime", avx2_only, RUN_RUNTIME)):
+            path = tmp_path / f"{cpu}_{where.replace(' ', '_')}.npy"
+            in_subprocess(code.format(path=str(out / "model.onnx"), out=str(path)), env)
             logits[where] = np.load(path)
-        diffs[cpu] = np.abs(logits["native"] - logits["avx2"]).max() / np.abs(logits["native"]).max()
-    assert diffs["avx2"] < 1e-5, diffs
-    if FLAGS & {"avx512_vnni", "avx_vnni"}:  # natively exact, so the full-range export's difference is AVX2's overflow
-        assert diffs["vnni"] > 100 * max(diffs["avx2"], 1e-7), diffs
+        for where in ("avx2", "avx2 runtime"):
+            diffs[cpu, where] = np.abs(logits["native"] - logits[where]).max() / np.abs(logits["native"]).max()
+    assert diffs["avx2", "avx2"] < 1e-5 and diffs["avx2", "avx2 runtime"] < 1e-5, diffs
+    # gss_runtime turns on onnxruntime's exact u8u8 products where u8s8 saturates: full-range weights exact too
+    assert diffs["vnni", "avx2 runtime"] < 1e-5, diffs
+    if FLAGS & {"avx512_vnni", "avx_vnni"}:  # natively exact, so a plain session's difference is AVX2's overflow
+        assert diffs["vnni", "avx2"] > 1e-3, diffs

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import RuntimeInputError
+from .int8_cpu import guard
 
 MODEL_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
@@ -103,7 +104,7 @@ def _options(threads: int | None, quiet: bool = False, spin: str = SPIN_ALWAYS) 
         options.intra_op_num_threads = threads
     if quiet:
         options.log_severity_level = 3  # errors only: the probe's provider-fallback warnings are expected
-    return options
+    return guard(options)  # int8 exports ranged for VNNI stay exact on CPUs without it
 
 
 def _session(path: Path, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
