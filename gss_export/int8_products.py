@@ -25,6 +25,8 @@ import numpy as np
 from gss_runtime.int8_cpu import u8s8_saturates
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import GSSExportError
+
 CPU_TARGETS = ("auto", "vnni", "avx2")
 WHY_TARGET = {
     "vnni": "onnxruntime's u8s8 product is exact here (VNNI: int32 sums): weights use the full int8 range",
@@ -48,7 +50,9 @@ def cpu_features() -> list[str]:
 
 
 def resolve_target(target: str = "auto") -> dict:
-    """{"target": "vnni" | "avx2", "chosen_by": ..., "why": ..., "cpu_features": [...]} for `target`."""
+    """{"target": "vnni" | "avx2", "chosen_by", "why", "exporting_cpu_features"} for `target` (one of CPU_TARGETS)."""
+    if target not in CPU_TARGETS:
+        raise GSSExportError(f"--int8-cpu must be one of {', '.join(CPU_TARGETS)}, got {target!r}")
     features = cpu_features()
     if target == "auto":
         target = "avx2" if u8s8_saturates() else "vnni"

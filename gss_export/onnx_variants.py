@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import GSSExportError
-from .int8_products import CPU_TARGETS, resolve_target, rewrite_per_row
+from .int8_products import resolve_target, rewrite_per_row
 from .targets.onnx import save_onnx
 
 VARIANTS = ("fp16", "int8")
@@ -151,8 +151,6 @@ def quantize_int8(fp32_path: Path, work: Path, activations: str = "auto", weight
         raise GSSExportError(f"int8 weight type must be QInt8 or QUInt8, got {weight_type!r}")
     if activations not in INT8_ACTIVATIONS:
         raise GSSExportError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
-    if not isinstance(cpu, dict) and cpu not in CPU_TARGETS:
-        raise GSSExportError(f"--int8-cpu must be one of {', '.join(CPU_TARGETS)}, got {cpu!r}")
     target = cpu if isinstance(cpu, dict) else resolve_target(cpu)
     reduce_range = target["target"] == "avx2"
     pre, dynamic_out = work / "pre.onnx", work / "dynamic.onnx"
@@ -178,14 +176,15 @@ def quantize_int8(fp32_path: Path, work: Path, activations: str = "auto", weight
             scheme[n.name], why[n.name] = activations, activations
     per_tensor = [n for n, s in scheme.items() if s == "per-tensor"]
     per_row = {n for n, s in scheme.items() if s == "per-row"}
-    if per_tensor + tables:  # an empty nodes_to_quantize would mean "every node" to quantize_dynamic
+    dynamic = per_tensor + tables
+    if dynamic:  # an empty nodes_to_quantize would mean "every node" to quantize_dynamic
         with _quiet_logs():
             quantize_dynamic(
                 str(pre), str(dynamic_out), weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
-                reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=per_tensor + tables,
+                reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gather"], nodes_to_quantize=dynamic,
                 extra_options={"MatMulConstBOnly": True}, use_external_data_format=external,
             )
-    quantized = onnx.load(str(dynamic_out if per_tensor + tables else pre))
+    quantized = onnx.load(str(dynamic_out if dynamic else pre))
     rewrite_per_row(quantized, per_row, reduce_range)
     del quantized.graph.value_info[:]
     return quantized, {
