@@ -86,9 +86,9 @@ def per_row_product(node, weight: np.ndarray, reduce_range: bool, opset: int, sh
     nodes = []
     if a not in shared:
         q = f"{a}/per_row"
-        consts = {"rows_k": np.array([-1, k], np.int64), "flat": np.array([-1], np.int64), "axis": np.array([1], np.int64),
-                  "inv127": np.float32(1 / 127), "tiny": TINY, "zero": np.uint8(ZERO), "last": np.array([-1], np.int64),
-                  "start": np.array([0], np.int64), "one": np.float32(1)}
+        consts = {"rows_k": np.array([-1, k], np.int64), "minus_one": np.array([-1], np.int64), "axis": np.array([1], np.int64),
+                  "inv127": np.float32(1 / 127), "tiny": TINY, "zero": np.uint8(ZERO), "start": np.array([0], np.int64),
+                  "one": np.float32(1)}
         inits += [numpy_helper.from_array(np.asarray(v), f"{q}/{name}") for name, v in consts.items()]
         c = lambda name: f"{q}/{name}"  # noqa: E731
 
@@ -99,14 +99,14 @@ def per_row_product(node, weight: np.ndarray, reduce_range: bool, opset: int, sh
 
         nodes += [
             helper.make_node("Shape", [a], [c("shape")]),
-            helper.make_node("Slice", [c("shape"), c("start"), c("last")], [c("lead")]),
+            helper.make_node("Slice", [c("shape"), c("start"), c("minus_one")], [c("lead")]),  # all but K
             helper.make_node("Reshape", [a, c("rows_k")], [c("rows")]),
             reduce("ReduceMax", c("max")),  # max and -min: two reads of A and no Abs written
             reduce("ReduceMin", c("min")),
             helper.make_node("Neg", [c("min")], [c("neg_min")]),
             helper.make_node("Max", [c("max"), c("neg_min"), c("tiny")], [c("absmax")]),
             helper.make_node("Mul", [c("absmax"), c("inv127")], [c("scale")]),  # (rows, 1)
-            helper.make_node("Reshape", [c("scale"), c("flat")], [c("scale_flat")]),  # (rows,)
+            helper.make_node("Reshape", [c("scale"), c("minus_one")], [c("scale_flat")]),  # (rows,)
             helper.make_node("Shape", [c("scale_flat")], [c("n_rows")]),
             helper.make_node("Expand", [c("zero"), c("n_rows")], [c("zeros")]),
             helper.make_node("QuantizeLinear", [c("rows"), c("scale_flat"), c("zeros")], [c("q")], axis=0),

@@ -105,10 +105,10 @@ def test_the_probe_file_is_the_product_it_claims():
 
 
 RUN_WINDOW = """
-import sys, numpy as np, onnxruntime as ort
+import numpy as np, onnxruntime as ort
 from gss_export.corpus import load_corpus
 ids = np.frombuffer(load_corpus()[1], np.uint8).astype(np.int64)[1000:1512][None]
-s = ort.InferenceSession(sys.argv[1] if len(sys.argv) > 1 else {path!r}, providers=["CPUExecutionProvider"])
+s = ort.InferenceSession({path!r}, providers=["CPUExecutionProvider"])
 np.save({out!r}, s.run(["logits"], {{"input_ids": ids}})[0])
 """
 
