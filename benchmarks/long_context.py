@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     limits = MachineLimits(args.threads)
     limits.sample()
     ours, _ = reference_models(MAX_LEN)
+    upstream_cfg = json.dumps(ours.config.upstream_kwargs())  # what upstream's constructor takes
     results = {"machine": {"cpu": cpu_name(), "torch": torch.__version__, "onnxruntime": ort.__version__},
                "config": ours.config.to_dict(), "prefill": [], "ttft": [], "decode": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +193,6 @@ def main(argv: list[str] | None = None) -> None:
             results["decode"].append(row)
             print(f"decode at {context}: {row['ms_per_token']:.1f} ms/token, state {row['state_mib']:.0f} MiB", flush=True)
 
-        upstream_cfg = json.dumps(results["config"])
         for n in memory:
             row = {"length": n,
                    "model.onnx": peak_memory("onnx", str(tmp / "default" / "model.onnx"), n, args.threads),

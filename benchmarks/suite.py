@@ -109,7 +109,7 @@ def main() -> None:
     results = {"machine": machine, "config": ours.config.to_dict(), "flops_per_token": flops_per_token,
                "weight_bytes": weight_bytes(ours), "artifacts": {}, "prefill": [], "decode": []}
     contenders = {"upstream eager": lambda ids: upstream(torch.from_numpy(ids))}
-    paths = {"upstream eager": ("upstream", json.dumps(results["config"]))}
+    paths = {"upstream eager": ("upstream", json.dumps(ours.config.upstream_kwargs()))}
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,7 @@
 """The benchmark's own logic: its targets table and the kernel split it reports (not its timings)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -72,3 +73,15 @@ def test_int8_targets_read_the_default_setting_from_128_tokens():
     assert "| >= 1.3x float32 prefill from 128 tokens | 1.25x | no |" in table
     assert "| top-1 >= 0.95 (model, decoder) | 0.9400 | no |" in table
     assert "| decode no slower than float32 | 0.91x | no |" in table
+
+
+def test_upstream_peak_memory_runs_upstream_with_the_reference_settings():
+    """The benchmarks' upstream memory row builds upstream's model from our config (no keys it lacks)."""
+    from common import peak_memory
+
+    from gss_export.families import DsConvConfig
+
+    cfg = DsConvConfig(num_tokens=256, dim=16, depth=1, heads=2, dim_dsconv=8, max_seq_len=64)
+    got = peak_memory("upstream", json.dumps(cfg.upstream_kwargs()), 16, 1)
+    assert "error" not in got, got
+    assert got["peak_mib"] >= got["baseline_mib"] > 0
