@@ -108,7 +108,7 @@ def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
         # have their own) on the same two cores
         with torch.inference_mode():
             ms = {name: best_of(fn, max(2, repeats)) * 1e3 for name, fn in contenders.items()}
-        cfg = upstream_config(folder)
+        cfg = exported_config(folder)
         # the floors: per layer, times the depth (each layer's convolution is the same work)
         ms["form floor"] = cfg["depth"] * form_floor_ms(n, cfg["dim_dsconv"], threads, max(2, repeats))
         best, how = best_floor(n, cfg["dim_dsconv"], threads, max(2, repeats))
@@ -124,7 +124,7 @@ def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
             "prefill_ms": result.prefill_seconds * 1e3}
 
 
-def upstream_config(folder: Path) -> dict:
+def exported_config(folder: Path) -> dict:
     """The exported model's hyper-parameters, from its config.json."""
     return json.loads((folder / "default" / "config.json").read_text())["model"]
 
