@@ -32,6 +32,17 @@ def timed(fn, min_repeats: int = 3, min_seconds: float = 1.0, max_repeats: int =
     return statistics.median(times)
 
 
+def best_of(fn, repeats: int) -> float:
+    """Seconds: the best of `repeats` runs after one warm-up (one long run is seconds; the minimum is the least noisy)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def reference_models(max_seq_len: int, seed: int = 0):
     """(ours, upstream): the reference configuration with the same random weights."""
     from gated_state_spaces_pytorch import GatedDsConvLM as Upstream

@@ -21,7 +21,6 @@ matrices of their shapes filled at random: a product's time does not depend on i
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import onnx
@@ -29,7 +28,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from common import session_options
+from common import best_of, session_options
 
 from gss_export.monarch import monarch_matrices, monarch_sizes
 
@@ -111,13 +110,7 @@ def floor_ms(model: onnx.ModelProto, channels: int, n: int, threads: int, repeat
     """Best-of-`repeats` milliseconds of a floor model after a warm-up run."""
     session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(n).standard_normal((1, n, channels), dtype=np.float32)
-    session.run(None, {"x": x})
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_of(lambda: session.run(None, {"x": x}), repeats) * 1e3
 
 
 def form_floor_ms(n: int, channels: int, threads: int, repeats: int = 3) -> float:

@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import MachineLimits, cpu_name, peak_memory, reference_models, session_options
+from common import MachineLimits, best_of, cpu_name, peak_memory, reference_models, session_options
 from conv_floor import best_floor, form_floor_ms
 from kernel_time import export_without_conv
 
@@ -57,17 +57,6 @@ proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 sys.stderr.write(proc.stderr[-2000:])
 """
-
-
-def best_of(fn, repeats: int) -> float:
-    """Seconds: the best of `repeats` runs after one warm-up (one long run is seconds; the minimum is the least noisy)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def first_token_seconds(gen: Generator, prompt: list[int]) -> float:
@@ -98,7 +87,7 @@ def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
     rng = np.random.default_rng(n)
     repeats = 1 if n > 16384 else 3
     if kind == "prefill":
-        _, upstream = reference_models(MAX_LEN)
+        ours, upstream = reference_models(MAX_LEN)
         bound = ort.InferenceSession(str(folder / "no_conv.onnx"), options, providers=["CPUExecutionProvider"])
         ids = rng.integers(0, 256, size=(1, n), dtype=np.int64)
         contenders = {"upstream eager": lambda: upstream(torch.from_numpy(ids)), "default export": lambda: forward(ids),
@@ -108,11 +97,11 @@ def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
         # have their own) on the same two cores
         with torch.inference_mode():
             ms = {name: best_of(fn, max(2, repeats)) * 1e3 for name, fn in contenders.items()}
-        cfg = exported_config(folder)
+        cfg = ours.config
         # the floors: per layer, times the depth (each layer's convolution is the same work)
-        ms["form floor"] = cfg["depth"] * form_floor_ms(n, cfg["dim_dsconv"], threads, max(2, repeats))
-        best, how = best_floor(n, cfg["dim_dsconv"], threads, max(2, repeats))
-        return {**ms, "best floor": cfg["depth"] * best, "best floor factorization": how}
+        ms["form floor"] = cfg.depth * form_floor_ms(n, cfg.dim_dsconv, threads, max(2, repeats))
+        best, how = best_floor(n, cfg.dim_dsconv, threads, max(2, repeats))
+        return {**ms, "best floor": cfg.depth * best, "best floor factorization": how}
     gen = Generator(folder / "default", provider="cpu", threads=threads)
     if kind == "ttft":
         prompt = rng.integers(0, 256, size=n).tolist()
@@ -122,11 +111,6 @@ def worker(kind: str, n: int, folder: Path, threads: int) -> dict:
     result = gen.generate(rng.integers(0, 256, size=n - 16).tolist(), 16)  # decode: 16 tokens ending at n
     return {"ms_per_token": result.decode_seconds / result.steps * 1e3, "state_mib": result.state_bytes / 2**20,
             "prefill_ms": result.prefill_seconds * 1e3}
-
-
-def exported_config(folder: Path) -> dict:
-    """The exported model's hyper-parameters, from its config.json."""
-    return json.loads((folder / "default" / "config.json").read_text())["model"]
 
 
 def run_worker(kind: str, n: int, folder: Path, threads: int) -> dict:
