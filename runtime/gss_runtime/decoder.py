@@ -86,31 +86,60 @@ class DecoderState:
     def nbytes(self) -> int:
         return sum(a[: self.length].nbytes for a in self.slots.arrays)
 
-    def rows(self, keep: np.ndarray) -> "DecoderState":
-        """The state of rows `keep` (indices) only, in new buffers.
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the buffers, spare capacity included: what the state holds in memory."""
+        return sum(a.nbytes for a in self.slots.arrays)
+
+    @property
+    def capacity(self) -> int:
+        """Slots the buffers hold before a feed must grow (copy) them."""
+        return self.slots.arrays[0].shape[0]
+
+    def rows(self, keep: np.ndarray, capacity: int = 0) -> "DecoderState":
+        """The state of rows `keep` (indices, repeats allowed: a row forked) only, in new buffers.
 
         Slots that are padding for every kept row are dropped (one is kept: the graph needs a past),
         so a batch whose long rows have left steps at the cost of the rows it still holds.
         """
-        keep = np.asarray(keep, np.int64)
-        drop = int(self.pad[keep].min()) - 1 if len(keep) else 0
-        arrays = [np.ascontiguousarray(a[drop : self.length, keep]) for a in self.slots.arrays]
-        return DecoderState(self.pad[keep] - drop, self.length - drop, _Slots(arrays, self.length - drop))
+        return self.repack(keep, capacity=capacity)
 
-    def join(self, other: "DecoderState") -> "DecoderState":
+    def join(self, other: "DecoderState", capacity: int = 0) -> "DecoderState":
         """This state's rows, then `other`'s, in one batch (new buffers).
 
         Both are right-aligned on the longer one's slots, the shorter's rows gaining leading padding
         slots (zeros: masked, so they must at least be finite), so every row appends at the same slot.
         """
-        length = max(self.length, other.length)
+        return self.repack(np.arange(len(self.pad)), other, capacity)
+
+    def repack(self, keep, other: "DecoderState | None" = None, capacity: int = 0, consume: bool = False) -> "DecoderState":
+        """Rows `keep` of this state, then every row of `other`, right-aligned in new buffers of at least
+        `capacity` slots (so that feeds up to it append without growing them).
+
+        consume=True releases each of the old per-layer buffers as soon as it is copied, so the transient
+        is one layer's buffers instead of a second whole state; neither old state may be used afterwards.
+        """
+        keep = np.asarray(keep, np.int64)
+        # slots that are padding for every kept row are dropped (one is kept: the graph needs a past)
+        drop = int(self.pad[keep].min()) - 1 if len(keep) else self.length - 1
+        mine_length = self.length - drop
+        length = max(mine_length, other.length if other is not None else 0)
+        total = len(keep) + (len(other.pad) if other is not None else 0)
+        mine, theirs = self.slots.arrays, other.slots.arrays if other is not None else None
         arrays = []
-        for mine, theirs in zip(self.slots.arrays, other.slots.arrays):
-            joined = np.zeros((length, mine.shape[1] + theirs.shape[1], mine.shape[2]), np.float32)
-            joined[length - self.length :, : mine.shape[1]] = mine[: self.length]
-            joined[length - other.length :, mine.shape[1] :] = theirs[: other.length]
+        for i in range(len(mine)):
+            joined = np.zeros((max(length, capacity), total, mine[i].shape[2]), np.float32)
+            joined[length - mine_length : length, : len(keep)] = mine[i][drop : self.length, keep]
+            if theirs is not None:
+                joined[length - other.length : length, len(keep) :] = theirs[i][: other.length]
+            if consume:
+                mine[i] = None
+                if theirs is not None:
+                    theirs[i] = None
             arrays.append(joined)
-        pad = np.concatenate([self.pad + length - self.length, other.pad + length - other.length])
+        pad = self.pad[keep] - drop + length - mine_length
+        if other is not None:
+            pad = np.concatenate([pad, other.pad + length - other.length])
         return DecoderState(pad, length, _Slots(arrays, length))
 
 
@@ -127,13 +156,31 @@ class RecurrentState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
-    def rows(self, keep: np.ndarray) -> "RecurrentState":
-        return RecurrentState(self.pending[keep], self.tokens[keep], [np.ascontiguousarray(a[keep]) for a in self.arrays])
+    held_bytes = nbytes
 
-    def join(self, other: "RecurrentState") -> "RecurrentState":
+    def rows(self, keep: np.ndarray, capacity: int = 0) -> "RecurrentState":
+        """Rows `keep` (indices, repeats allowed: a row forked); capacity is for DecoderState's interface."""
+        return self.repack(keep)
+
+    def join(self, other: "RecurrentState", capacity: int = 0) -> "RecurrentState":
         """This state's rows, then `other`'s, in one batch: fixed-shape states simply stack."""
-        return RecurrentState(np.concatenate([self.pending, other.pending]), np.concatenate([self.tokens, other.tokens]),
-                              [np.concatenate([a, b]) for a, b in zip(self.arrays, other.arrays)])
+        return self.repack(np.arange(len(self.tokens)), other)
+
+    def repack(self, keep, other: "RecurrentState | None" = None, capacity: int = 0, consume: bool = False) -> "RecurrentState":
+        """Rows `keep` of this state, then every row of `other`, in new arrays (consume: as DecoderState.repack)."""
+        keep = np.asarray(keep, np.int64)
+        arrays = []
+        for i, mine in enumerate(self.arrays):
+            parts = [mine[keep]] + ([other.arrays[i]] if other is not None else [])
+            arrays.append(np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
+            if consume:
+                self.arrays[i] = None
+                if other is not None:
+                    other.arrays[i] = None
+        if other is None:
+            return RecurrentState(self.pending[keep], self.tokens[keep], arrays)
+        return RecurrentState(np.concatenate([self.pending[keep], other.pending]),
+                              np.concatenate([self.tokens[keep], other.tokens]), arrays)
 
 
 class Decoder:
@@ -238,9 +285,12 @@ class Decoder:
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), DecoderState(state.pad, state.length + t, slots)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, DecoderState]:
+    def prefill(self, prompts: Sequence[Sequence[int]], every: bool = False) -> tuple[np.ndarray, DecoderState]:
         """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state.
 
+        every=True: the logits after every position instead, (b, longest, num_tokens), each row's
+        prompt right-aligned (row b's real positions are the last len(prompts[b])): what scoring a
+        prompt needs, from the same call(s).
         With prefill.onnx the prompts go in one call at full-sequence cost; without it, in chunks. A
         recurrent state has no limit on the context, so its prompts may exceed max_seq_len: they go in
         calls of max_seq_len tokens.
@@ -256,9 +306,13 @@ class Decoder:
         chunk = longest if self.prefill_session is not None else PREFILL_CHUNK
         if not self.bounded:
             chunk = min(chunk, self.config["max_seq_len"])
+        pieces = []
         for start in range(0, longest, chunk):
             logits, state = self.feed(padded[:, start : start + chunk], state)
-        return logits[:, -1], state
+            pieces.append(logits if every else logits[:, -1:])
+        if not every:
+            return pieces[-1][:, 0], state
+        return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)), state
 
     def check_prompt(self, prompt) -> np.ndarray:
         """One prompt's ids, checked: (n,) int64. Past max_seq_len only for an appended state."""

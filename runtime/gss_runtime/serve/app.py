@@ -7,31 +7,31 @@ while the model computes.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..decoder import Decoder
 from ..errors import RuntimeInputError
 from ..session import SPIN_IN_CALL
-from .engine import Engine, EngineStopped, Failed, Finished, Overloaded, Tokens
+from ..vocabulary import Vocabulary
+from .completions import Reply, collect, stream
+from .engine import Engine, EngineStopped, Overloaded, TooLarge
 from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
-from .protocol import BYTE_VOCAB, APIError, CompletionRequest, completions_of, validation_error
+from . import tokenization
+from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, completions_of, samples_of, validation_error
 
 RETRY_AFTER_SECONDS = 1
-DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 class ModelHost:
@@ -60,6 +60,7 @@ class ModelHost:
         decoder = Decoder(self.model, provider=self.provider, threads=self.threads, spin=SPIN_IN_CALL)
         if self.eos_id is not None and not 0 <= self.eos_id < decoder.config["num_tokens"]:
             raise RuntimeInputError(f"--eos-id {self.eos_id} is out of range [0, {decoder.config['num_tokens']})")
+        self.vocabulary = Vocabulary(decoder.config["num_tokens"])
         self.engine = Engine(decoder, self.max_batch, self.max_queue, self.metrics, self.max_prefill_tokens).start()
         return self
 
@@ -136,42 +137,71 @@ def build_app(host: ModelHost, load: bool = True) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         engine = host.ready()
-        body = _parse(await request.body())
-        if body.model is not None and body.model != host.name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {host.name!r}",
-                           param="model", code="model_not_found")
+        body = _parse(await request.body(), CompletionRequest)
+        _check_model(body.model)
         config = engine.decoder.config
         asks = completions_of(body, config, host.eos_id)
+        n, best_of = samples_of(body)
         if len(asks) > engine.max_batch + engine.max_queue:  # could never be admitted together: not a 429
-            raise APIError(400, f"{len(asks)} prompts in one request; this server holds at most "
+            raise APIError(400, f"{len(asks)} samples in one request; this server holds at most "
                                 f"{engine.max_batch + engine.max_queue} requests at once", param="prompt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         channel = channels.setdefault(loop, _LoopChannel(loop))
-        requests = [EngineRequest(c, channel, (queue, i)) for i, c in enumerate(asks)]
+        # a prompt's best_of samples form one group: one prefill, its state copied into their rows
+        groups = [object() for _ in range(len(asks) // best_of)]
+        requests = [EngineRequest(c, channel, (queue, k), group=groups[k // best_of]) for k, c in enumerate(asks)]
         try:
             engine.submit(requests)
+        except TooLarge as e:
+            raise APIError(400, str(e), param="max_tokens") from None
         except Overloaded as e:
             raise APIError(429, f"{e}; retry shortly", type="rate_limit_exceeded", code="rate_limit_exceeded",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except EngineStopped as e:
             raise APIError(503, str(e), type="service_unavailable") from None
-        reply = _Reply(host.name, config["num_tokens"] == BYTE_VOCAB, len(requests))
+        prompts = [list(a.prompt) for a in asks[::best_of]]
+        reply = Reply(host.name, host.vocabulary, prompts, n, best_of, body.logprobs is not None)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(reply, queue, requests, usage), media_type="text/event-stream")
-        return await _collect(reply, queue, requests, request)
+            return StreamingResponse(stream(reply, queue, requests, usage), media_type="text/event-stream")
+        return await collect(reply, queue, requests, request)
+
+    def _check_model(model: str | None) -> None:
+        if model is not None and model != host.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {host.name!r}",
+                           param="model", code="model_not_found")
+
+    # vLLM's tokenizer endpoints, at the root as vLLM serves them
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        engine = host.ready()
+        body = _parse(await request.body(), TokenizeRequest)
+        _check_model(body.model)
+        return tokenization.tokenize(body, engine.decoder.config, host.vocabulary)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        engine = host.ready()
+        body = _parse(await request.body(), DetokenizeRequest)
+        _check_model(body.model)
+        return tokenization.detokenize(body, engine.decoder.config, host.vocabulary)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        engine = host.ready()
+        return tokenization.info(engine.decoder.config, host.vocabulary, host.eos_id)
 
     return app
 
 
-def _parse(raw: bytes) -> CompletionRequest:
-    """The body as JSON whatever its content type says (curl -d sends a form type), then checked."""
+def _parse(raw: bytes, model: type[BaseModel]):
+    """The body as JSON whatever its content type says (curl -d sends a form type), then checked as `model`."""
     try:
         data = json.loads(raw)
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     try:
-        return CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(list(e.errors())) from None
 
@@ -190,127 +220,3 @@ class _LoopChannel:
         for request, event in items:
             queue, index = request.tag
             queue.put_nowait((index, event))
-
-
-class _Reply:
-    """Turns engine events into OpenAI's completion objects: text per choice, and the usage."""
-
-    def __init__(self, model: str, byte_level: bool, choices: int):
-        self.id, self.created, self.model, self.byte_level = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model, byte_level
-        self.utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(choices)]
-        self.texts, self.ids = [""] * choices, [[] for _ in range(choices)]
-        self.reasons: list[str | None] = [None] * choices
-        self.prompt_tokens = self.completion_tokens = 0
-        # a streamed chunk's envelope up to its choices, written once: every running stream sends a chunk per step
-        self._head = json.dumps(self.envelope([]), separators=(",", ":"))[: -len("[]}")]
-
-    def text(self, index: int, ids: list[int], final: bool = False) -> str:
-        """The text of new tokens: bytes as UTF-8 as soon as characters are whole; other ids as ' 1 2'."""
-        if self.byte_level:
-            piece = self.utf8[index].decode(bytes(ids), final=final)
-        else:
-            piece = "".join(f" {t}" for t in ids)
-        self.texts[index] += piece
-        self.ids[index] += ids
-        return piece
-
-    def finish(self, index: int, event: Finished) -> str:
-        self.reasons[index] = event.reason
-        self.prompt_tokens += event.prompt_tokens
-        self.completion_tokens += event.completion_tokens
-        return self.text(index, [], final=True)
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def envelope(self, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    @staticmethod
-    def choice(index: int, text: str, ids: list[int], reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
-
-    def chunk(self, index: int, text: str, ids: list[int], reason: str | None, usage_field: bool) -> str:
-        """One streamed chunk as an SSE event: `envelope([choice(...)])` written out from the template, since
-        the event loop shares the cores with the model."""
-        tail = ',"usage":null}' if usage_field else "}"
-        return (f'data: {self._head}[{{"index":{index},"text":{json.dumps(text)},"logprobs":null,"finish_reason":'
-                f'{json.dumps(reason)},"token_ids":[{",".join(map(str, ids))}]}}]{tail}\n\n')
-
-
-async def _collect(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], http: Request):
-    """Wait for every choice to finish; a client that leaves first cancels its requests."""
-    left = len(requests)
-    watcher = asyncio.create_task(_watch(http, queue))
-    try:
-        while left:
-            index, event = await queue.get()
-            if event is None:  # the client has gone: nobody to answer
-                return Response(status_code=499)
-            if isinstance(event, Tokens):
-                reply.text(index, event.ids)
-            elif isinstance(event, Finished):
-                reply.finish(index, event)
-                left -= 1
-            elif isinstance(event, Failed):
-                raise APIError(event.status, event.message, type="server_error" if event.status == 500 else "service_unavailable")
-    finally:
-        watcher.cancel()
-        for r in requests:
-            r.cancel()  # a no-op for those that ended
-    choices = [reply.choice(i, reply.texts[i], reply.ids[i], reply.reasons[i]) for i in range(len(requests))]
-    return reply.envelope(choices, usage=reply.usage())
-
-
-async def _watch(http: Request, queue: asyncio.Queue) -> None:
-    """Tell the collector when the client disconnects (a whole answer sends nothing until the end)."""
-    while not await http.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-    queue.put_nowait((None, None))
-
-
-async def _stream(reply: _Reply, queue: asyncio.Queue, requests: list[EngineRequest], include_usage: bool):
-    """Server-sent events: one chunk per piece, finish_reason on each choice's last, then [DONE].
-
-    When the client disconnects the response is cancelled here, and its requests leave the batch.
-    """
-    left = len(requests)
-    try:
-        while left:
-            events = [await queue.get()]
-            while not queue.empty():  # what came meanwhile goes out in one write, a choice's tokens in one chunk
-                events.append(queue.get_nowait())
-            out = []
-            for index, event in _coalesced(events):
-                if isinstance(event, Tokens):
-                    out.append(reply.chunk(index, reply.text(index, event.ids), event.ids, None, include_usage))
-                elif isinstance(event, Finished):
-                    out.append(reply.chunk(index, reply.finish(index, event), [], event.reason, include_usage))
-                    left -= 1
-                else:
-                    yield "".join(out) + _sse(APIError(event.status, event.message, type="server_error").body())
-                    return
-            yield "".join(out)
-        if include_usage:
-            yield _sse(reply.envelope([], usage=reply.usage()))
-        yield "data: [DONE]\n\n"
-    finally:
-        for r in requests:
-            r.cancel()
-
-
-def _coalesced(events: list) -> list:
-    """Consecutive Tokens of the same choice as one."""
-    out = []
-    for index, event in events:
-        if out and isinstance(event, Tokens) and isinstance(out[-1][1], Tokens) and out[-1][0] == index:
-            out[-1] = (index, Tokens(out[-1][1].ids + event.ids))
-        else:
-            out.append((index, event))
-    return out
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

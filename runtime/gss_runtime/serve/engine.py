@@ -1,10 +1,18 @@
 """Continuous batching: one step loop drives the decoder for every running request.
 
 The loop runs on its own thread, so onnxruntime never blocks an event loop. Between two steps it
-admits waiting requests: their prompts are prefilled together and their states join the running
-batch (`DecoderState.join`, `RecurrentState.join`); a request that ends, or whose client went
+admits waiting requests: their prompts are prefilled together and their states join a running
+batch (`DecoderState.repack`, `RecurrentState.repack`); a request that ends, or whose client went
 away, leaves before the next step and its rows are dropped from the state. Each row samples from
 its own generator seeded by its request, so a request gets the tokens it would get alone.
+
+Requests submitted together under one `group` (a prompt's n samples) share one prefill: the
+prompt's state is computed once and copied into their rows.
+
+Memory: with a `state_memory` budget, a request is admitted only when the state its batch can grow
+to fits (`budget.py`); otherwise it waits. GatedDsConvLM's requests run in up to `MAX_BATCHES`
+batches, each new request joining the one where it adds the least state, so a short request does
+not pay for the slots of a long one.
 """
 from __future__ import annotations
 
@@ -16,13 +24,24 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..decoder import Decoder
+from ..decoder import Decoder, DecoderState
 from ..errors import RuntimeInputError
 from ..generate import RowProgress, Sampling, choose
+from ..logprobs import TokenLogprob, token_logprobs
+from .budget import StateCost, lifetime_feeds
+
+# batches stepped separately (appended states only): each costs a decoder call per step, and lets
+# rows of very different lengths avoid sharing slots
+MAX_BATCHES = 4
 
 
 class Overloaded(Exception):
     """Every running slot and every queue place is taken: the server answers 429."""
+
+
+class TooLarge(Exception):
+    """The request could never be admitted (its state exceeds the budget, or it has more rows than
+    a batch holds): the server answers 400."""
 
 
 class EngineStopped(Exception):
@@ -31,7 +50,13 @@ class EngineStopped(Exception):
 
 @dataclass(frozen=True)
 class Completion:
-    """What one prompt asks for (already checked against the model)."""
+    """What one prompt asks for (already checked against the model).
+
+    max_tokens 0 samples nothing (scoring the prompt: `echo`). logprobs: how many of the most likely
+    tokens to list at each generated position (0: the chosen token's alone), None for no
+    log-probabilities. echo: send the prompt's log-probabilities first (with logprobs set). score:
+    track the cumulative log-probability (for best_of) even without logprobs.
+    """
 
     prompt: Sequence[int]
     max_tokens: int
@@ -39,13 +64,28 @@ class Completion:
     seed: int | None = None
     stops: Sequence[Sequence[int]] = ()
     eos_id: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    score: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt's log-probabilities (first event of an `echo` completion): None for the first token."""
+
+    logprobs: list[TokenLogprob | None]
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """Tokens that are final and safe to show (a tail that may become a stop sequence is held back)."""
+    """Tokens that are final and safe to show (a tail that may become a stop sequence is held back).
+
+    logprobs: one entry per id when asked for, plus a last one for the eos token that ended the
+    completion (sampled and scored, but not shown as text).
+    """
 
     ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +95,7 @@ class Finished:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +106,7 @@ class Failed:
     status: int = 500
 
 
-Event = Tokens | Finished | Failed
+Event = Prompt | Tokens | Finished | Failed
 
 
 @dataclass(eq=False)
@@ -74,12 +115,14 @@ class Request:
 
     channel: called on the step loop's thread with the (request, Event) pairs of one step for every
     request that shares it (one call per step, not per token: a server hands them to its event loop
-    in one wake-up); tag: whatever the receiver needs to route an event (e.g. its queue).
+    in one wake-up); tag: whatever the receiver needs to route an event (e.g. its queue); group:
+    requests submitted together with the same group (and prompt) share one prefill.
     """
 
     completion: Completion
     channel: Callable[[list[tuple["Request", Event]]], None]
     tag: object = None
+    group: object = None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -89,14 +132,49 @@ class Request:
 
 
 class _Row:
-    """A running request: its progress, its sampling stream and its timing."""
+    """A running request: its progress, its sampling stream, what it still feeds, and its timing."""
 
     def __init__(self, request: Request, limit: int | None):
         c = request.completion
         self.request = request
         self.progress = RowProgress(len(c.prompt), c.max_tokens, c.eos_id, c.stops, limit)
         self.rng = np.random.default_rng(c.seed)
+        self.feeds = lifetime_feeds(len(c.prompt), c.max_tokens, limit)  # tokens still to feed after the prompt
+        self.scored = c.logprobs is not None or c.score
+        self.logprobs: list[TokenLogprob] = []  # one per token of progress.made
+        self.cumulative = 0.0
         self.last: float | None = None
+
+
+class _Batch:
+    """Rows stepped together by one decoder call: their state and the logits they sample from next."""
+
+    def __init__(self, rows: list[_Row], state, logits: np.ndarray):
+        self.rows, self.state, self.logits = rows, state, logits
+
+    def reach(self) -> int:
+        """Slots this batch's state can grow to (0 for a fixed-size state)."""
+        return _slots(self.state) + max((r.feeds for r in self.rows), default=0) if _slots(self.state) else 0
+
+
+def _slots(state) -> int:
+    """An appended state's slots; 0 for a fixed-size (recurrent) one."""
+    return state.length if isinstance(state, DecoderState) else 0
+
+
+@dataclass
+class _Unit:
+    """Requests that share one prompt's prefill (a prompt's n samples)."""
+
+    requests: list[Request]
+
+    @property
+    def completion(self) -> Completion:
+        return self.requests[0].completion
+
+    @property
+    def live(self) -> list[Request]:
+        return [r for r in self.requests if not r.cancelled]
 
 
 REASONS = {"eos": "stop", "stop_sequence": "stop", "max_new_tokens": "length", "max_seq_len": "length"}
@@ -115,21 +193,24 @@ class Engine:
 
     max_batch: requests running at once (rows of a step); max_queue: requests waiting beyond them;
     max_prefill_tokens: prompt tokens admitted between two steps (at least one prompt), which bounds
-    how long a burst of arrivals stalls the streams already running.
+    how long a burst of arrivals stalls the streams already running; state_memory: bytes of decoder
+    state the running requests may hold (None: no budget).
     """
 
     def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None,
-                 max_prefill_tokens: int = 1024):
-        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
-            raise RuntimeInputError(f"max_batch and max_prefill_tokens must be >= 1 and max_queue >= 0, got "
-                                    f"{max_batch}, {max_prefill_tokens} and {max_queue}")
+                 max_prefill_tokens: int = 1024, state_memory: int | None = None):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1 or (state_memory is not None and state_memory < 1):
+            raise RuntimeInputError(f"max_batch, max_prefill_tokens and state_memory must be >= 1 and max_queue >= 0, got "
+                                    f"{max_batch}, {max_prefill_tokens}, {state_memory} and {max_queue}")
         self.decoder, self.max_batch, self.max_queue, self.max_prefill_tokens = decoder, max_batch, max_queue, max_prefill_tokens
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.limit = decoder.config["max_seq_len"] if decoder.bounded else None
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._rows: list[_Row] = []
-        self._state = None
-        self._logits: np.ndarray | None = None
+        self.cost, self.state_memory = StateCost.of(decoder), state_memory
+        self.max_batches = MAX_BATCHES if decoder.bounded else 1
+        self.reserved_bytes = 0  # what the running batches' states can grow to (the budget's measure)
+        self.held_bytes = 0  # what their buffers hold now
+        self._waiting: collections.deque[_Unit] = collections.deque()
+        self._batches: list[_Batch] = []
         self._outbox: list[tuple[Request, Event]] = []  # this step's events, sent together by _flush
         self._wake = threading.Condition()
         self._stopping = False
@@ -153,20 +234,42 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return sum(len(b.rows) for b in self._batches)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(len(u.requests) for u in self._waiting)
+
+    def reservation(self, completion: Completion, rows: int = 1) -> int:
+        """Bytes of state `rows` samples of `completion` can grow to, alone in a batch."""
+        if completion.max_tokens == 0:
+            return 0
+        slots = len(completion.prompt) + 1 + lifetime_feeds(len(completion.prompt), completion.max_tokens, self.limit)
+        return self.cost.bytes(rows, slots)
 
     def submit(self, requests: Sequence[Request]) -> None:
-        """Queue `requests` together, or none of them: Overloaded when they do not fit."""
+        """Queue `requests` together, or none of them: Overloaded when they do not fit in the queue,
+        TooLarge when one of them could never run."""
+        units: list[_Unit] = []
+        for r in requests:  # consecutive requests of one group share a prefill
+            if units and r.group is not None and units[-1].requests[-1].group is r.group:
+                units[-1].requests.append(r)
+            else:
+                units.append(_Unit([r]))
+        for u in units:
+            if len(u.requests) > self.max_batch:
+                raise TooLarge(f"{len(u.requests)} samples of one prompt; this server runs at most {self.max_batch} at once")
+            need = self.reservation(u.completion, len(u.requests))
+            if self.state_memory is not None and need > self.state_memory:
+                raise TooLarge(f"the request's decoder state can reach {need:,} bytes ({len(u.completion.prompt)} prompt "
+                               f"tokens + max_tokens {u.completion.max_tokens}, x{len(u.requests)}); this server's "
+                               f"--state-memory is {self.state_memory:,}: ask for fewer tokens")
         with self._wake:
             if not self.alive:
                 raise EngineStopped(self.error or "the step loop is not running")
-            if len(self._rows) + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
-                raise Overloaded(f"{len(self._rows)} requests running and {len(self._waiting)} waiting: the server is full")
-            self._waiting.extend(requests)
+            if self.running + self.waiting + len(requests) > self.max_batch + self.max_queue:
+                raise Overloaded(f"{self.running} requests running and {self.waiting} waiting: the server is full")
+            self._waiting.extend(units)
             self._wake.notify()
 
     # --- the step loop ------------------------------------------------------------------
@@ -176,10 +279,11 @@ class Engine:
                 admitted = self._admit()
                 if admitted is None:
                     return self._fail_all(Failed("the server is shutting down", 503))
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._advance()
+                for target, units in admitted.items():
+                    self._prefill(target, units)
+                for batch in list(self._batches):
+                    self._advance(batch)
+                self._account()
                 self._flush()
         except Exception as e:  # the loop is dead: fail everyone still here, and say why (health turns 503)
             self.error = f"the step loop stopped: {type(e).__name__}: {e}"
@@ -187,81 +291,192 @@ class Engine:
 
     def _fail_all(self, event: Failed) -> None:
         with self._wake:
-            left = [row.request for row in self._rows] + list(self._waiting)
-            self._rows, self._state = [], None
+            left = [row.request for b in self._batches for row in b.rows] + [r for u in self._waiting for r in u.requests]
+            self._batches = []
             self._waiting.clear()
         for request in left:
             self._tell(request, event)
         self._flush()
 
-    def _admit(self) -> list[Request] | None:
-        """Waiting requests that fit in the batch (blocks while there is nothing to do); None: stop."""
+    def _account(self) -> None:
+        self.reserved_bytes = sum(self._batch_bytes(len(b.rows), b.reach()) for b in self._batches)
+        self.held_bytes = sum(b.state.held_bytes for b in self._batches)
+
+    def _batch_bytes(self, rows: int, reach: int) -> int:
+        return self.cost.bytes(rows, reach)
+
+    def _admit(self) -> dict | None:
+        """Waiting units placed in batches: {batch index, or a new key: [units]} (blocks while there is
+        nothing to do); None: stop.
+
+        A unit joins the batch where its state adds the least (or a new batch). When the head of the
+        queue does not fit the budget, a later unit may overtake it only if it fits and its max_tokens
+        ends before any running request can, so it never holds memory the head could have had.
+        """
         with self._wake:
-            while not self._stopping and not self._rows and not self._waiting:
+            while not self._stopping and not self._batches and not self._waiting:
                 self._wake.wait()
             if self._stopping:
                 return None
-            admitted, tokens = [], 0
-            while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
-                length = len(self._waiting[0].completion.prompt)
-                if admitted and tokens + length > self.max_prefill_tokens:
+            # what each batch would look like: [rows, length, most feeds left]; new batches appended
+            plans = [[len(b.rows), _slots(b.state), max((r.feeds for r in b.rows), default=0)] for b in self._batches]
+            reserved = sum(self._batch_bytes(n, length + feeds) for n, length, feeds in plans)
+            rows, tokens, placed, blocked = self.running, 0, {}, False
+            soonest = min((r.progress.max_new_tokens - r.progress.sampled for b in self._batches for r in b.rows), default=0)
+            for unit in list(self._waiting):
+                live = unit.live
+                if not live:
+                    self._waiting.remove(unit)
+                    continue
+                c = unit.completion
+                if rows + len(live) > self.max_batch or (placed and tokens + len(c.prompt) > self.max_prefill_tokens):
                     break
-                request = self._waiting.popleft()
-                if not request.cancelled:
-                    admitted.append(request)
-                    tokens += length
-            return admitted
+                target, cost = self._place(plans, c, len(live))
+                if self.state_memory is not None and reserved + cost > self.state_memory:
+                    blocked = True  # the head waits for memory; later ones may overtake it within the rule above
+                    continue
+                if blocked and c.max_tokens > soonest:
+                    continue
+                self._waiting.remove(unit)
+                unit.requests = live
+                if c.max_tokens > 0:
+                    self._apply(plans, target, c, len(live))
+                    rows += len(live)
+                reserved += cost
+                tokens += len(c.prompt)
+                placed.setdefault(target, []).append(unit)
+            return placed
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Prefill the new prompts in one call and join their rows to the running batch."""
+    def _place(self, plans: list, c: Completion, k: int) -> tuple[int, int]:
+        """The plan index (len(plans): a new batch) where k rows of `c` add the least state, and that cost."""
+        if c.max_tokens == 0:
+            return -1, 0  # scored only: no row
+        length, feeds = len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
+        best = (len(plans), self._batch_bytes(k, length + feeds)) if len(plans) < self.max_batches else None
+        for i, (n, plan_length, plan_feeds) in enumerate(plans):
+            grown = self._batch_bytes(n + k, max(plan_length, length) + max(plan_feeds, feeds))
+            cost = grown - self._batch_bytes(n, plan_length + plan_feeds)
+            if best is None or cost <= best[1]:
+                best = (i, cost)
+        return best
+
+    def _apply(self, plans: list, target: int, c: Completion, k: int) -> None:
+        length, feeds = len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
+        if target == len(plans):
+            plans.append([k, length, feeds])
+        else:
+            n, plan_length, plan_feeds = plans[target]
+            plans[target] = [n + k, max(plan_length, length), max(plan_feeds, feeds)]
+
+    def _prefill(self, target: int, units: list[_Unit]) -> None:
+        """Prefill the units' prompts in one call; their rows join batch `target` (or a new one)."""
+        every = any(u.completion.echo for u in units)
         try:
-            logits, state = self.decoder.prefill([r.completion.prompt for r in requests])
+            logits, state = self.decoder.prefill([u.completion.prompt for u in units], every=every)
         except RuntimeInputError as e:  # checked on arrival, so not expected; the others keep running
-            for request in requests:
-                self._tell(request, Failed(str(e)))
+            for unit in units:
+                for request in unit.requests:
+                    self._tell(request, Failed(str(e)))
             return
+        longest = logits.shape[1] if every else 0
+        fork, rows = [], []
+        for i, unit in enumerate(units):
+            c = unit.completion
+            if c.echo:
+                self._echo(unit, logits[i, longest - len(c.prompt) :])
+            if c.max_tokens == 0:
+                for request in unit.requests:
+                    self._finish_request(request, "length", 0, None)
+                continue
+            fork += [i] * len(unit.requests)
+            rows += [_Row(r, self.limit) for r in unit.requests]
+        if not rows:
+            return
+        last = logits[:, -1] if every else logits
+        new_logits = last[fork]
         with self._wake:
-            if self._state is None:
-                self._state, self._logits = state, logits
+            if target == -1 or target >= len(self._batches):
+                new = _Batch(rows, None, new_logits)
+                new.state = state  # reach() needs the prompt's length; the forked state replaces it
+                new.state = state.repack(np.array(fork), capacity=new.reach(), consume=True)
+                self._batches.append(new)
             else:
-                self._state, self._logits = self._state.join(state), np.concatenate([self._logits, logits])
-            self._rows.extend(_Row(r, self.limit) for r in requests)
+                batch = self._batches[target]
+                forked = state.repack(np.array(fork), consume=True)
+                capacity = max(_slots(batch.state), _slots(forked)) + max(r.feeds for r in batch.rows + rows)
+                batch.state = batch.state.repack(np.arange(len(batch.rows)), forked, capacity, consume=True)
+                batch.rows += rows
+                batch.logits = np.concatenate([batch.logits, new_logits])
 
-    def _advance(self) -> None:
+    def _echo(self, unit: _Unit, logits: np.ndarray) -> None:
+        """The prompt's log-probabilities from its prefill logits: position j's logits score token j + 1."""
+        c = unit.completion
+        entries = [None] + token_logprobs(logits[:-1], c.prompt[1:], c.logprobs or 0) if c.logprobs is not None else []
+        for request in unit.requests:
+            self._tell(request, Prompt(entries))
+
+    def _advance(self, batch: _Batch) -> None:
         """Sample one token per row, let the rows that ended leave, and step the rest."""
         now = time.perf_counter()
         keep, tokens = [], []
-        for i, row in enumerate(self._rows):
+        for i, row in enumerate(batch.rows):
+            c = row.request.completion
             if row.request.cancelled:
-                self.metrics.finished("abort", len(row.request.completion.prompt), row.progress.sampled)
+                self.metrics.finished("abort", len(c.prompt), row.progress.sampled)
                 continue
-            token = int(choose(self._logits[i : i + 1], row.request.completion.sampling, [row.rng])[0])
+            logits = batch.logits[i : i + 1]
+            token = int(choose(logits, c.sampling, [row.rng])[0])
             if row.last is None:
                 self.metrics.first_token(now - row.request.arrived)
             else:
                 self.metrics.next_token(now - row.last)
             row.last = now
-            shown = row.progress.add(token)
-            if shown:
-                self._tell(row.request, Tokens(shown))
+            self._take(row, token, logits)
             if row.progress.reason:
-                self._finish(row)
+                self._finish_request(row.request, REASONS[row.progress.reason], row.progress.sampled,
+                                     row.cumulative if row.scored else None)
             else:
                 keep.append(i)
                 tokens.append(token)
-        if len(keep) < len(self._rows):
+        if not keep:
             with self._wake:
-                self._rows = [self._rows[i] for i in keep]
-                self._state = self._state.rows(np.array(keep, np.int64)) if keep else None
-                self._logits = self._logits[keep] if keep else None
-        if self._rows:
-            self._logits, self._state = self.decoder.step(np.array(tokens, np.int64), self._state)
+                self._batches.remove(batch)
+            return
+        if len(keep) < len(batch.rows):
+            with self._wake:
+                batch.rows = [batch.rows[i] for i in keep]
+                batch.logits = batch.logits[keep]
+                capacity = 0
+                if isinstance(batch.state, DecoderState):  # the slots the kept rows need, leading padding dropped
+                    capacity = batch.state.length - int(batch.state.pad[keep].min()) + 1 + max(r.feeds for r in batch.rows)
+                batch.state = batch.state.repack(np.array(keep), capacity=capacity, consume=True)
+        batch.logits, batch.state = self.decoder.step(np.array(tokens, np.int64), batch.state)
+        for row in batch.rows:
+            row.feeds -= 1
 
-    def _finish(self, row: _Row) -> None:
-        reason = REASONS[row.progress.reason]
-        prompt_tokens = len(row.request.completion.prompt)
-        self.metrics.finished(reason, prompt_tokens, row.progress.sampled)
-        self._tell(row.request, Finished(reason, prompt_tokens, row.progress.sampled))
+    def _take(self, row: _Row, token: int, logits: np.ndarray) -> None:
+        """Add the sampled token to the row and send what became safe to show, with its log-probabilities."""
+        c, progress = row.request.completion, row.progress
+        entry = token_logprobs(logits, [token], c.logprobs or 0)[0] if row.scored else None
+        if entry is not None:
+            row.cumulative += entry.logprob
+        start = progress.shown
+        shown = progress.add(token)
+        if c.logprobs is None:
+            if shown:
+                self._tell(row.request, Tokens(shown))
+            return
+        if progress.reason != "eos":
+            row.logprobs.append(entry)
+        del row.logprobs[len(progress.made):]  # a matched stop sequence is removed, with its entries
+        entries = row.logprobs[start : start + len(shown)] + ([entry] if progress.reason == "eos" else [])
+        if shown or entries:
+            self._tell(row.request, Tokens(shown, entries))
+
+    def _finish_request(self, request: Request, reason: str, sampled: int, cumulative: float | None) -> None:
+        prompt_tokens = len(request.completion.prompt)
+        self.metrics.finished(reason, prompt_tokens, sampled)
+        self._tell(request, Finished(reason, prompt_tokens, sampled, cumulative))
 
     def _tell(self, request: Request, event: Event) -> None:
         self._outbox.append((request, event))

@@ -1,4 +1,4 @@
-"""OpenAI's completions request, checked against the model, and its error object.
+"""OpenAI's completions request, checked against the model, and its error object; vLLM's tokenizer requests.
 
 Fields are OpenAI's, plus vLLM's extras `top_k`, `stop_token_ids` and `ignore_eos`. Types are
 strict (a string is not a number) and unknown fields are refused, so a typo in a field name is an
@@ -13,11 +13,14 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import RuntimeInputError
 from ..generate import Sampling
+from ..logprobs import MAX_TOP
+from ..vocabulary import BYTE_VOCAB
 from .engine import Completion
 
-BYTE_VOCAB = 256
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_SAMPLES = 32  # n and best_of: samples of one prompt (each a row of the running batch)
+SEED_RANGE = 2**63
 
 
 class APIError(Exception):
@@ -67,18 +70,50 @@ class CompletionRequest(_Strict):
     ignore_eos: Optional[bool] = False
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's POST /tokenize (the completions form): text in, ids out."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's POST /detokenize: ids in, text out."""
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+
 def _bad(message: str, param: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 def _unsupported(request: CompletionRequest) -> None:
-    neutral = {"echo": (False, None), "logprobs": (None, 0), "best_of": (None, 1), "presence_penalty": (None, 0.0),
-               "frequency_penalty": (None, 0.0), "suffix": (None, ""), "logit_bias": (None, {})}
+    neutral = {"presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "suffix": (None, ""),
+               "logit_bias": (None, {})}
     for name, allowed in neutral.items():
         if getattr(request, name) not in allowed:
             raise _bad(f"{name} is not supported by this server (leave it out)", name, "unsupported_parameter")
-    if request.n not in (None, 1):
-        raise _bad(f"n must be 1 (one completion per prompt), got {request.n}", "n")
+
+
+def samples_of(request: CompletionRequest) -> tuple[int, int]:
+    """(n, best_of): completions returned per prompt, and samples drawn per prompt to pick them from."""
+    n = 1 if request.n is None else request.n
+    best_of = n if request.best_of is None else request.best_of
+    if not 1 <= n <= MAX_SAMPLES:
+        raise _bad(f"n must be in [1, {MAX_SAMPLES}], got {n}", "n")
+    if not n <= best_of <= MAX_SAMPLES:
+        raise _bad(f"best_of must be in [n, {MAX_SAMPLES}] (n is {n}), got {best_of}", "best_of")
+    if request.stream and best_of > n:
+        raise _bad("best_of larger than n cannot be streamed: the best samples are known only at the end", "best_of")
+    return n, best_of
+
+
+def sample_seed(seed: int | None, sample: int) -> int | None:
+    """Sample j of a prompt draws as a request with seed + j would alone (modulo 2^63); no seed: its own random one."""
+    return None if seed is None else (seed + sample) % SEED_RANGE
 
 
 def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
@@ -108,12 +143,16 @@ def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
 
 
 def completions_of(request: CompletionRequest, config: dict, eos_id: int | None) -> list[Completion]:
-    """One engine Completion per prompt, or APIError(400) naming the first bad field."""
+    """One engine Completion per sample (best_of per prompt, prompt by prompt), or APIError(400) naming the
+    first bad field."""
     _unsupported(request)
     vocab = config["num_tokens"]
     max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-    if max_tokens < 1:
-        raise _bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens < 0 or (max_tokens == 0 and not request.echo):
+        raise _bad(f"max_tokens must be at least 1 (0 only with echo, to score the prompt), got {max_tokens}", "max_tokens")
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP:
+        raise _bad(f"logprobs must be in [0, {MAX_TOP}], got {request.logprobs}", "logprobs")
+    n, best_of = samples_of(request)
     temperature = 1.0 if request.temperature is None else request.temperature
     if not 0 <= temperature <= MAX_TEMPERATURE:
         raise _bad(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
@@ -122,7 +161,7 @@ def completions_of(request: CompletionRequest, config: dict, eos_id: int | None)
     top_k = request.top_k
     if top_k is not None and top_k < -1:
         raise _bad(f"top_k must be -1 or 0 (off) or a positive integer, got {top_k}", "top_k")
-    if request.seed is not None and not 0 <= request.seed < 2**63:
+    if request.seed is not None and not 0 <= request.seed < SEED_RANGE:
         raise _bad(f"seed must be in [0, 2^63), got {request.seed}", "seed")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if stops and vocab != BYTE_VOCAB:
@@ -139,7 +178,10 @@ def completions_of(request: CompletionRequest, config: dict, eos_id: int | None)
     # a stop id is a one-token stop sequence: it ends the request and is not shown
     sequences = [list(s.encode("utf-8")) for s in stops if s] + [[t] for t in stop_ids]
     eos = None if request.ignore_eos else eos_id
-    return [Completion(p, max_tokens, sampling, request.seed, sequences, eos) for p in prompts_of(request, config)]
+    # per prompt, best_of samples in order, sample j seeded by sample_seed(seed, j)
+    return [Completion(p, max_tokens, sampling, sample_seed(request.seed, j), sequences, eos, request.logprobs,
+                       bool(request.echo), best_of > n)
+            for p in prompts_of(request, config) for j in range(best_of)]
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -1,0 +1,52 @@
+"""Log-probabilities of tokens under the model's own distribution (before temperature, top-k or top-p).
+
+What scoring needs: the log-probability of each given token, and the `top` most likely tokens at
+each position, from a (positions, vocab) block of logits. Computed in float64 from the float32
+logits, so a token's value is the same number wherever it appears (its own entry, or the top list).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_TOP = 20  # as OpenAI and vLLM: the widest top list a request may ask for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the token there, its log-probability, and the `top` most likely tokens (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(..., vocab) float32 -> (..., vocab) float64 log-probabilities."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def token_logprobs(logits: np.ndarray, tokens, top: int = 0) -> list[TokenLogprob]:
+    """logits (n, vocab) and the token at each of the n positions -> n TokenLogprobs.
+
+    top: how many of the most likely tokens to list per position (0: none); ties keep the lower id first.
+    """
+    if len(logits) == 0:
+        return []
+    lp = log_softmax(logits)
+    tokens = np.asarray(tokens, np.int64)
+    chosen = lp[np.arange(len(tokens)), tokens]
+    if top <= 0:
+        return [TokenLogprob(int(t), float(v)) for t, v in zip(tokens, chosen)]
+    top = min(top, lp.shape[-1])
+    # the best `top` by partition, then sorted: descending value, ascending id on ties
+    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    values = np.take_along_axis(lp, part, axis=-1)
+    order = np.lexsort((part, -values), axis=-1)
+    ids, values = np.take_along_axis(part, order, axis=-1), np.take_along_axis(values, order, axis=-1)
+    return [TokenLogprob(int(t), float(v), tuple(zip(map(int, i), map(float, vs))))
+            for t, v, i, vs in zip(tokens, chosen, ids, values)]
