@@ -102,14 +102,17 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
 def _signals_deferred() -> Iterator[list[int]]:
     """SIGINT/SIGTERM arriving in the body are recorded in the list yielded, then delivered after it.
 
-    Only the main thread can set handlers; elsewhere signals are not deferred.
+    Only the main thread can set handlers; elsewhere signals are not deferred. An ignored signal stays
+    ignored (catching it here would let it abort a publish), and one whose handler was not set from Python
+    is left alone, as it could not be put back.
     """
     caught: list[int] = []
     previous = {}
     try:
         if threading.current_thread() is threading.main_thread():
             for s in _SIGNALS:
-                previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
+                if signal.getsignal(s) not in (signal.SIG_IGN, None):
+                    previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
         yield caught
     finally:
         for s, handler in previous.items():

@@ -176,13 +176,14 @@ _signalled: set[str] = set()
 
 
 def _signal_at(phase: str) -> None:
-    """For the tests of interruption: GSS_EXPORT_SIGNAL_AT=PHASE:SIGNAL (e.g. validate:SIGTERM) makes this process
-    send itself SIGNAL when PHASE (load, export, validate, decoder, publish) begins, an exact point however loaded
-    the machine is."""
-    phase_at, _, name = os.environ.get("GSS_EXPORT_SIGNAL_AT", "").partition(":")
-    if phase_at == phase and phase not in _signalled and hasattr(signal, name):
-        _signalled.add(phase)
-        signal.raise_signal(getattr(signal, name))
+    """For the tests of interruption: GSS_EXPORT_SIGNAL_AT=PHASE:SIGNAL (e.g. validate:SIGTERM; several joined by
+    commas) makes this process send itself SIGNAL when PHASE (load, export, validate, decoder, publish) begins, an
+    exact point however loaded the machine is."""
+    for entry in os.environ.get("GSS_EXPORT_SIGNAL_AT", "").split(","):
+        phase_at, _, name = entry.partition(":")
+        if phase_at == phase and entry not in _signalled and hasattr(signal, name):
+            _signalled.add(entry)
+            signal.raise_signal(getattr(signal, name))
 
 
 def _variant_kind(dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl, heldout_text, rtol, atol) -> Optional[str]:

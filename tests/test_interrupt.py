@@ -1,5 +1,6 @@
 """Interrupted and killed runs: SIGINT/SIGTERM at every phase of an export leave the earlier export byte for byte
-and no staging folder; litter of killed runs is removed by the next run, a live run's never; gss-run ends cleanly."""
+and no staging folder; litter of killed runs is removed by the next run, a live run's never; gss-run ends cleanly.
+A run started with SIGINT ignored keeps it ignored, and SIGTERM still interrupts it."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,21 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def staging_of(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-"))
+
+
+@pytest.fixture(autouse=True)
+def sigint_handled():
+    """SIGINT handled in this process, whatever the test run inherited (under `nohup` or `cmd &` in a script it is
+    ignored, and gss-export keeps an ignored SIGINT ignored); children started here get the default (exec resets
+    a handled signal, not an ignored one)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def ignore_sigint() -> None:
+    """preexec_fn: the child starts with SIGINT ignored, as a background job of a script does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +114,54 @@ def test_interrupted_while_files_are_moved_in_restores_the_old_ones(monkeypatch,
             for name in ("a", "config.json"):
                 (staging / name).write_bytes(b"x")
     assert not (tmp_path / "fresh").exists() and staging_of(tmp_path / "fresh") == []
+
+
+def test_sigterm_still_interrupts_with_sigint_ignored(monkeypatch, capsys, ckpt, good):
+    out, before = good
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for phase in PHASES:
+        monkeypatch.setenv("GSS_EXPORT_SIGNAL_AT", f"{phase}:SIGINT,{phase}:SIGTERM")
+        code, _, err = run_cli(monkeypatch, capsys, ckpt, "-o", out, *QUICK, "--rtol", "1e-3")
+        assert code == 143 and err.strip().splitlines()[-1] == f"interrupted by SIGTERM: nothing was written to {out}", err
+        assert snapshot(out) == before and staging_of(out) == [], phase
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_ignored_sigint_while_files_are_moved_in_is_ignored(monkeypatch, tmp_path):
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        signal.raise_signal(signal.SIGINT)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"old model")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    monkeypatch.setattr(artifacts.os, "replace", replace)
+    with staged_output(out) as staging:
+        for name in ("model.onnx", "config.json"):
+            (staging / name).write_bytes(b"new " + name.encode())
+    assert snapshot(out) == {"config.json": b"new config.json", "model.onnx": b"new model.onnx"}
+    assert staging_of(out) == [] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_started_with_sigint_ignored_ctrl_c_does_not_stop_it(ckpt, good):
+    """A background job of a script (SIGINT ignored from the start): SIGINT from outside, again and again, and
+    from itself at every phase; the export goes through."""
+    out, before = good
+    every_phase = ",".join(f"{phase}:SIGINT" for phase in PHASES)
+    proc = subprocess.Popen([sys.executable, "-m", "gss_export.cli", str(ckpt), "-o", str(out), *QUICK, "--rtol", "1e-3"],
+                            env={**os.environ, "GSS_EXPORT_SIGNAL_AT": every_phase}, preexec_fn=ignore_sigint,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the export never ended"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0 and "wrote" in stdout, stderr
+    assert snapshot(out) != before and staging_of(out) == []
 
 
 def _dead_pid() -> int:

@@ -33,6 +33,13 @@ def _raise_interrupted(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def handled_signals() -> list[int]:
+    """SIGINT and SIGTERM, less those this process ignores, which stay ignored: a program started with SIGINT
+    ignored (a background job of a script) must not become interruptible by the terminal's Ctrl-C, as POSIX
+    tools do; less, too, those whose handler was not set from Python, which could not be put back."""
+    return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+
+
 def print_error(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
 
@@ -45,11 +52,12 @@ def guarded(call: Callable[[], None], user_errors: tuple[type[Exception], ...], 
     for which `usage_error` returns an exit code has shown itself and exits with it; SIGINT (Ctrl-C) and
     SIGTERM print one line and exit 130 and 143; a closed stdout (`| head`) ends quietly; anything else
     is a bug: one line, exit 3, and the traceback only when the environment variable `debug_env` is set.
+    A signal ignored when it is called stays ignored.
     """
     # both raise Interrupted, so cleanup on the way out runs (by default SIGTERM ends the process at once)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, _raise_interrupted) for s in handled_signals()}
     try:
         try:
             call()
