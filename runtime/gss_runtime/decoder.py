@@ -128,9 +128,13 @@ class DecoderState:
         mine, theirs = self.slots.arrays, other.slots.arrays if other is not None else None
         arrays = []
         for i in range(len(mine)):
-            joined = np.zeros((max(length, capacity), total, mine[i].shape[2]), np.float32)
-            joined[length - mine_length : length, : len(keep)] = mine[i][drop : self.length, keep]
+            # uninitialised past `length` (feeds write those slots); the leading padding slots are zeros
+            joined = np.empty((max(length, capacity), total, mine[i].shape[2]), np.float32)
+            joined[: length - mine_length, : len(keep)] = 0
+            for j, row in enumerate(keep):  # row by row: no temporary copy of the whole state
+                joined[length - mine_length : length, j] = mine[i][drop : self.length, row]
             if theirs is not None:
+                joined[: length - other.length, len(keep) :] = 0
                 joined[length - other.length : length, len(keep) :] = theirs[i][: other.length]
             if consume:
                 mine[i] = None

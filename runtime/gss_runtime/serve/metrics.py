@@ -14,11 +14,15 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 class ServerMetrics:
     """What the engine reports (first_token, next_token, finished) and what the server counts."""
 
-    def __init__(self, running=lambda: 0, waiting=lambda: 0):
+    def __init__(self, running=lambda: 0, waiting=lambda: 0, reserved=lambda: 0, held=lambda: 0, budget=lambda: 0):
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("gss_num_requests_running", "Requests in the running batch", registry=r).set_function(running)
         Gauge("gss_num_requests_waiting", "Requests queued for a place in the batch", registry=r).set_function(waiting)
+        Gauge("gss_state_reserved_bytes", "Decoder state the running requests can grow to (what the budget admits by)",
+              registry=r).set_function(reserved)
+        Gauge("gss_state_used_bytes", "Decoder state the running requests' buffers hold now", registry=r).set_function(held)
+        Gauge("gss_state_budget_bytes", "--state-memory (0: no budget)", registry=r).set_function(budget)
         self.ttft = Histogram("gss_time_to_first_token_seconds", "From arrival to the first sampled token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("gss_time_per_output_token_seconds", "Between consecutive tokens of one request",
