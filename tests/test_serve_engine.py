@@ -133,3 +133,81 @@ print(json.dumps(reply.json()["choices"][0]["token_ids"]))
     done = run_without_torch(script)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == lang_reference
+
+
+class Collector:
+    """An engine channel that records each request's tokens and end, and what the engine holds at every step."""
+
+    def __init__(self, engine=None):
+        self.engine, self.tokens, self.done, self.order, self.held = engine, {}, threading.Semaphore(0), [], []
+
+    def __call__(self, items):
+        from gss_runtime.serve.engine import Finished, Tokens
+
+        self.held.append((self.engine.reserved_bytes, self.engine.held_bytes, self.engine.running))
+        for request, event in items:
+            if isinstance(event, Tokens):
+                self.tokens.setdefault(request.tag, []).extend(event.ids)
+            elif isinstance(event, Finished):
+                self.order.append(request.tag)
+                self.done.release()
+
+
+def test_the_state_budget_holds_and_every_row_is_exact(folders):
+    """GatedDsConvLM under a budget that fits two long requests: what the batches can reach never passes the
+    budget, what they hold never passes that, requests wait instead, and every one gets its solo tokens."""
+    from gss_runtime import Decoder
+    from gss_runtime.serve.budget import StateCost
+    from gss_runtime.serve.engine import Completion, Engine, Request, TooLarge
+
+    decoder = Decoder(folders["dsconv"], provider="cpu", threads=1)
+    prompts = [list(LONG_PROMPT[i : i + 150 + 10 * i]) for i in range(6)] + [list(LONG_PROMPT[:5]), list(LONG_PROMPT[7:12])]
+    new = [12, 9, 14, 6, 10, 12, 3, 4]
+    cost = StateCost.of(decoder)
+    budget = 2 * cost.bytes(1, 220 + 14)  # about two of the long ones at once
+    engine = Engine(decoder, max_batch=8, state_memory=budget).start()
+    seen = Collector(engine)
+    try:
+        with pytest.raises(TooLarge, match="state-memory"):
+            engine.submit([Request(Completion(list(LONG_PROMPT[:300]), 1000), seen)])
+        engine.submit([Request(Completion(p, n), seen, tag=i) for i, (p, n) in enumerate(zip(prompts, new))])
+        for _ in prompts:
+            assert seen.done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert all(reserved <= budget and held <= reserved for reserved, held, _ in seen.held), max(seen.held)
+    assert max(running for _, _, running in seen.held) < len(prompts)  # some had to wait
+    assert max(reserved for reserved, _, _ in seen.held) > budget // 2
+    for i, (p, n) in enumerate(zip(prompts, new)):
+        assert seen.tokens[i] == greedy_alone(decoder, p, n), i
+    # the two short ones overtook long ones waiting for memory: they end before the last long one starts
+    assert seen.order.index(6) < seen.order.index(5) and seen.order.index(7) < seen.order.index(5)
+
+
+@pytest.mark.parametrize("family", ["dsconv", "gss"])
+def test_n_samples_fork_one_prefill(folders, family):
+    """A group's rows share one prefill; each equals its solo run with its own seed, greedy or sampled."""
+    from gss_runtime import Decoder, Sampling
+    from gss_runtime.serve.engine import Completion, Engine, Request
+
+    decoder = Decoder(folders[family], provider="cpu", threads=1)
+    prefills = []
+    real = decoder.prefill
+    decoder.prefill = lambda prompts, every=False: (prefills.append(len(prompts)), real(prompts, every))[1]
+    engine = Engine(decoder, max_batch=8).start()
+    seen = Collector(engine)
+    sampling = Sampling(temperature=0.9)
+    group = object()
+    try:
+        engine.submit([Request(Completion(list(LONG_PROMPT[:140]), 8, sampling, seed=9 + j), seen, tag=j, group=group)
+                       for j in range(4)])
+        for _ in range(4):
+            assert seen.done.acquire(timeout=120)
+        assert prefills == [1]
+        for j in range(4):
+            alone = Collector(engine)
+            engine.submit([Request(Completion(list(LONG_PROMPT[:140]), 8, sampling, seed=9 + j), alone, tag=j)])
+            assert alone.done.acquire(timeout=120)
+            assert alone.tokens[j] == seen.tokens[j]
+    finally:
+        engine.stop()

@@ -89,3 +89,18 @@ def test_fuzzed_bodies_get_an_answer_never_a_500(http, body, raw):
         error = reply.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert http.get("/health").status_code == 200
+
+
+def test_a_model_without_text_scores_ids_and_has_no_tokenizer(http):
+    """Token strings are vLLM's token_id:N; the tokenizer endpoints say why they cannot answer."""
+    reply = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0, "logprobs": 2,
+                                               "echo": True, "ignore_eos": True}).json()
+    lp = reply["choices"][0]["logprobs"]
+    assert lp["tokens"][:3] == ["token_id:1", "token_id:2", "token_id:3"] and lp["token_logprobs"][0] is None
+    assert all(key.startswith("token_id:") for top in lp["top_logprobs"][1:] for key in top)
+    assert lp["text_offset"][:4] == [0, 2, 4, 6]  # " 1 2 3": each id's text is a space and its digits
+    for method, path, body in (("post", "/tokenize", {"prompt": "a"}), ("post", "/detokenize", {"tokens": [1]}),
+                               ("get", "/tokenizer_info", None)):
+        refused = getattr(http, method)(path, **({"json": body} if body else {}))
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_text_mapping", refused.text
+        assert "token ids only" in refused.json()["error"]["message"] or "no text" in refused.json()["error"]["message"]

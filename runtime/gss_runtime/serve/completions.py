@@ -13,7 +13,7 @@ import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from ..logprobs import TokenLogprob
 from ..vocabulary import Vocabulary
@@ -156,7 +156,8 @@ async def collect(reply: Reply, queue: asyncio.Queue, requests: list[EngineReque
         watcher.cancel()
         for r in requests:
             r.cancel()  # a no-op for those that ended
-    return reply.envelope(reply.best(), usage=reply.usage())
+    # a Response, not a dict: FastAPI would walk a dict's every value first (a scored 2,000-token prompt: ~30 ms)
+    return JSONResponse(reply.envelope(reply.best(), usage=reply.usage()))
 
 
 async def _watch(http: Request, queue: asyncio.Queue) -> None:
