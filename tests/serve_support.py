@@ -1,6 +1,7 @@
 """Starting a live gss-serve for tests, and reading its /metrics."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -19,15 +20,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """A live server's base URL, which also holds its process (`.process.pid`)."""
+
+    process: subprocess.Popen
+
+
 @contextmanager
-def live_server(model: Path, *options: str, ready_within: float = 90.0):
-    """`gss-serve MODEL OPTIONS` on a free loopback port, as a user runs it; yields its base URL."""
+def live_server(model: Path, *options: str, ready_within: float = 90.0, env: dict[str, str] | None = None):
+    """`gss-serve MODEL OPTIONS` on a free loopback port, as a user runs it; yields its base URL (a ServerURL).
+
+    env: variables added to the server's environment; $GSS_API_KEY is not passed on from the tests' own
+    unless given there, so that a key a developer has set cannot close the servers other tests start."""
     port = free_port()
     command = Path(sys.executable).with_name("gss-serve")
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+    environment = {k: v for k, v in os.environ.items() if k != "GSS_API_KEY"} | dict(env or {})
     proc = subprocess.Popen([str(command), str(model), "--port", str(port), "--log-level", "warning", *options],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=environment)
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.process = proc
     deadline = time.monotonic() + ready_within
     try:
         while True:
@@ -55,9 +67,11 @@ def live_server(model: Path, *options: str, ready_within: float = 90.0):
         assert "Traceback" not in output, f"the server logged a traceback:\n{output[-3000:]}"
 
 
-def metrics(url: str) -> dict[str, float]:
-    """/metrics parsed as Prometheus text: sample name (with labels, if any) -> value."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """/metrics parsed as Prometheus text: sample name (with labels, if any) -> value. headers: an API key's."""
+    reply = httpx.get(f"{url}/metrics", timeout=10, headers=headers)
+    reply.raise_for_status()
+    text = reply.text
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -101,3 +101,22 @@ def test_the_application_takes_replicas_autoscaling_and_replica_options(example_
     for bad in ({"replicas": "2"}, {"model": "m", "bogus": "1"}):
         with pytest.raises(ValueError):
             build(bad)
+
+
+def test_api_keys_and_limits_hold_behind_the_proxy(cluster, example_onnx):
+    """What `serve run ...:build model=... api_key=KEY max_body_bytes=N` serves: each replica checks the key
+    (only /health open) and the limits of the requests Ray's proxy passes on."""
+    from ray import serve
+
+    from gss_runtime.serve.ray_app import build
+
+    serve.run(build({"model": str(example_onnx), "replicas": "1", "threads": "1", "api_key": "rk-1", "max_body_bytes": "1000"}),
+              name=APP, route_prefix="/")
+    assert wait_for(lambda: httpx.get(f"{cluster}/health").status_code == 200, within=120)
+    key = {"Authorization": "Bearer rk-1"}
+    assert httpx.get(f"{cluster}/v1/models").status_code == 401 and httpx.get(f"{cluster}/metrics").status_code == 401
+    assert httpx.get(f"{cluster}/v1/models", headers={"Authorization": "Bearer rk-2"}).status_code == 401
+    assert httpx.post(f"{cluster}/v1/completions", json={"prompt": "ab", "max_tokens": 2}, headers=key).status_code == 200
+    too_large = httpx.post(f"{cluster}/v1/completions", json={"prompt": "a" * 2000}, headers=key)
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+    serve.delete(APP)

@@ -7,7 +7,6 @@ while the model computes.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from pathlib import Path
@@ -24,9 +23,11 @@ from ..decoder import Decoder
 from ..errors import RuntimeInputError
 from ..session import SPIN_IN_CALL
 from ..vocabulary import Vocabulary
+from .budget import default_budget
 from .completions import Reply, collect, stream
 from .engine import Engine, EngineStopped, Overloaded, TooLarge
 from .engine import Request as EngineRequest
+from .guard import Guard, GuardOptions, check_prompt_count, current_options, parse_json
 from .metrics import ServerMetrics
 from . import tokenization
 from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, completions_of, samples_of, validation_error
@@ -42,15 +43,21 @@ class ModelHost:
     """
 
     def __init__(self, model: str | Path, name: str | None = None, provider: str = "auto", threads: int | None = None,
-                 max_batch: int = 32, max_queue: int = 256, eos_id: int | None = None, max_prefill_tokens: int = 1024):
+                 max_batch: int = 32, max_queue: int = 256, eos_id: int | None = None, max_prefill_tokens: int = 1024,
+                 state_memory: int | str | None = "auto"):
         self.model, self.name = Path(model), name or Path(model).resolve().name
         self.provider, self.threads, self.max_batch, self.max_queue, self.eos_id = provider, threads, max_batch, max_queue, eos_id
         self.max_prefill_tokens = max_prefill_tokens
+        # bytes of decoder state for running requests; "auto": budget.DEFAULT_SHARE of the memory available now
+        self.state_memory = default_budget() if state_memory == "auto" else state_memory
         self.engine: Engine | None = None
         self.error: str | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(running=lambda: self.engine.running if self.engine else 0,
-                                     waiting=lambda: self.engine.waiting if self.engine else 0)
+                                     waiting=lambda: self.engine.waiting if self.engine else 0,
+                                     reserved=lambda: self.engine.reserved_bytes if self.engine else 0,
+                                     held=lambda: self.engine.held_bytes if self.engine else 0,
+                                     budget=lambda: self.state_memory or 0)
 
     def load(self) -> "ModelHost":
         """Open the decoder and start the step loop (raises RuntimeInputError for an unusable model)."""
@@ -61,7 +68,8 @@ class ModelHost:
         if self.eos_id is not None and not 0 <= self.eos_id < decoder.config["num_tokens"]:
             raise RuntimeInputError(f"--eos-id {self.eos_id} is out of range [0, {decoder.config['num_tokens']})")
         self.vocabulary = Vocabulary(decoder.config["num_tokens"])
-        self.engine = Engine(decoder, self.max_batch, self.max_queue, self.metrics, self.max_prefill_tokens).start()
+        self.engine = Engine(decoder, self.max_batch, self.max_queue, self.metrics, self.max_prefill_tokens,
+                             self.state_memory).start()
         return self
 
     def load_in_background(self, on_failure: Callable[[str], None] = lambda message: None) -> None:
@@ -85,9 +93,10 @@ class ModelHost:
             self.engine.stop()
 
 
-def build_app(host: ModelHost, load: bool = True) -> FastAPI:
+def build_app(host: ModelHost, load: bool = True, guard: GuardOptions | None = None) -> FastAPI:
     """The FastAPI application over `host`; load=True loads the model when the server starts
-    (health answers 503 until it has), else the host must already be loaded."""
+    (health answers 503 until it has), else the host must already be loaded. `guard`: API keys and
+    request limits, checked by middleware before any route (the defaults and no keys if None)."""
 
     async def lifespan(app: FastAPI):
         if load:
@@ -96,6 +105,8 @@ def build_app(host: ModelHost, load: bool = True) -> FastAPI:
         host.stop()
 
     app = FastAPI(title="gss-serve", lifespan=lifespan)
+    # around every route, those added later too: keys on all but /health (and /metrics if public), body limits
+    app.add_middleware(Guard, options=guard or GuardOptions(), on_reject=lambda status: host.metrics.rejected.labels(str(status)).inc())
     channels: dict[asyncio.AbstractEventLoop, _LoopChannel] = {}
 
     @app.exception_handler(APIError)
@@ -121,7 +132,7 @@ def build_app(host: ModelHost, load: bool = True) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics():  # behind the API key unless the guard's public_metrics
         return Response(generate_latest(host.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -195,11 +206,13 @@ def build_app(host: ModelHost, load: bool = True) -> FastAPI:
 
 
 def _parse(raw: bytes, model: type[BaseModel]):
-    """The body as JSON whatever its content type says (curl -d sends a form type), then checked as `model`."""
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    """The body as JSON whatever its content type says (curl -d sends a form type), then checked as `model`.
+
+    Strict JSON (guard.parse_json): any failure is a 400, never a RecursionError or a later UnicodeEncodeError;
+    at most the server's --max-prompts prompts."""
+    options = current_options()  # the options of the Guard the request came through
+    data = parse_json(raw, options.max_json_depth)
+    check_prompt_count(data, options.max_prompts)
     try:
         return model.model_validate(data)
     except ValidationError as e:

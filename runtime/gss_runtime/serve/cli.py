@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
-from ..cli import PROVIDERS, _count
+from ..cli import PROVIDERS, _count, _number
 from ..cli_support import guarded
 from ..decoder import DECODER_NAME
 from ..errors import RuntimeInputError
 from ..session import locate
+from . import guard as limits
+from .budget import DEFAULT_SHARE, available_memory, format_size, parse_size
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,11 +25,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_count(0), default=256, help="requests waiting beyond them before 429 (default 256)")
     p.add_argument("--max-prefill-tokens", type=_count(1), default=1024,
                    help="prompt tokens admitted between two steps (default 1024): bounds the stall of running streams")
+    p.add_argument("--state-memory", metavar="SIZE", type=_state_memory, default="auto",
+                   help="decoder state the running requests may hold, e.g. 4G or 512M; a request waits until what its state "
+                        f"can grow to fits, and one that never could gets 400 (default auto: {int(DEFAULT_SHARE * 100)}%% of "
+                        "the memory available at start; off: no budget)")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
     p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads (per replica)")
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
     p.add_argument("--eos-id", type=int, help="a token that ends a completion (not returned), unless a request sets ignore_eos")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    access = p.add_argument_group("API keys and request limits (README: Running in production)")
+    access.add_argument("--api-key", metavar="KEY", action="append", default=[],
+                        help="clients must send 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+                             f"other local users can read a command line: prefer --api-key-file or ${limits.API_KEY_ENV})")
+    access.add_argument("--api-key-file", metavar="FILE", type=Path,
+                        help=f"API keys, one a line (blank lines and # comments left out); with --api-key and ${limits.API_KEY_ENV}, any of them is accepted")
+    access.add_argument("--public-metrics", action="store_true", help="answer /metrics without a key (for a scraper)")
+    access.add_argument("--max-body-bytes", metavar="N", type=_count(1), default=limits.MAX_BODY_BYTES,
+                        help=f"a larger request body is refused with 413 as it arrives (default {limits.MAX_BODY_BYTES}, 4 MiB)")
+    access.add_argument("--body-timeout", metavar="S", type=_seconds, default=limits.BODY_TIMEOUT,
+                        help=f"seconds for a request body to arrive whole, else 408 (default {limits.BODY_TIMEOUT:g})")
+    access.add_argument("--header-timeout", metavar="S", type=_seconds, default=limits.HEADER_TIMEOUT,
+                        help=f"seconds for a request's line and headers to arrive, else 408 (default {limits.HEADER_TIMEOUT:g})")
+    access.add_argument("--max-header-bytes", metavar="N", type=_count(1), default=limits.MAX_HEADER_BYTES,
+                        help=f"the URL and header fields together, else 431 (default {limits.MAX_HEADER_BYTES})")
+    access.add_argument("--max-headers", metavar="N", type=_count(1), default=limits.MAX_HEADERS,
+                        help=f"header fields in a request, else 431 (default {limits.MAX_HEADERS})")
+    access.add_argument("--max-prompts", metavar="N", type=_count(1), default=limits.MAX_PROMPTS,
+                        help=f"prompts in one request, else 400 (default {limits.MAX_PROMPTS})")
+    access.add_argument("--max-json-depth", metavar="N", type=_count(1), default=limits.MAX_JSON_DEPTH,
+                        help=f"arrays and objects nested in a request body, else 400 (default {limits.MAX_JSON_DEPTH})")
     ray = p.add_argument_group("Ray Serve (pip install 'gss-runtime[serve]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve application behind Ray's HTTP proxy")
     ray.add_argument("--ray-address", help="a running cluster (default: $RAY_ADDRESS, else a local one)")
@@ -37,32 +66,68 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def budget_line(budget: int | None, asked) -> str:
+    """What the decoder state budget is and where it comes from, said once at start."""
+    if asked != "auto":
+        return f"decoder state budget {format_size(budget) if budget else 'off'} (--state-memory)"
+    free = available_memory()
+    if not budget:
+        return "decoder state budget off (the available memory could not be read; set --state-memory)"
+    return f"decoder state budget {format_size(budget)} ({int(DEFAULT_SHARE * 100)}% of the {format_size(free)} available at start)"
+
+
+def _state_memory(text: str) -> int | str | None:
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def guard_of(args: argparse.Namespace, environ=None) -> limits.GuardOptions:
+    """The API keys (--api-key, --api-key-file, $GSS_API_KEY) and request limits the options give."""
+    return limits.guard_options(api_keys=args.api_key, api_key_file=args.api_key_file,
+                                environ=os.environ if environ is None else environ, public_metrics=args.public_metrics,
+                                **{name: getattr(args, name) for name in limits.LIMITS})
+
+
 def run(args: argparse.Namespace) -> None:
     locate(args.model, DECODER_NAME)  # a wrong path fails here, before anything listens
+    guard = guard_of(args)  # so does a key file that cannot be read
     options = dict(name=args.name, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
-                   max_queue=args.max_queue, eos_id=args.eos_id, max_prefill_tokens=args.max_prefill_tokens)
+                   max_queue=args.max_queue, eos_id=args.eos_id, max_prefill_tokens=args.max_prefill_tokens,
+                   state_memory=args.state_memory)  # "auto" is worked out where the engine runs (each Ray replica)
     if args.ray:
-        return _run_on_ray(args, options)
+        return _run_on_ray(args, options, guard)
     import uvicorn
 
     from .app import ModelHost, build_app
 
     host = ModelHost(args.model, **options)
-    app = build_app(host)
+    print(f"gss-serve: {budget_line(host.state_memory, args.state_memory)}", file=sys.stderr, flush=True)
+    app = build_app(host, guard=guard)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # end the running requests first, so their connections can close
             host.stop()
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=5))
+                                   timeout_graceful_shutdown=5, **limits.uvicorn_settings(guard)))
     app.state.on_load_failure = lambda message: setattr(server, "should_exit", True)
     server.run()
     if host.error:
         raise RuntimeInputError(f"cannot serve {args.model}: {host.error}")
 
 
-def _run_on_ray(args: argparse.Namespace, options: dict) -> None:
+def _run_on_ray(args: argparse.Namespace, options: dict, guard: limits.GuardOptions) -> None:
     try:
         import ray
         from ray import serve
@@ -73,7 +138,7 @@ def _run_on_ray(args: argparse.Namespace, options: dict) -> None:
     ray.init(address=args.ray_address, include_dashboard=False, logging_level=args.log_level.upper())
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(args.model, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                      target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.replica_cpus,
+                      target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.replica_cpus, guard=guard,
                       **{k: v for k, v in options.items() if v is not None})
     try:
         serve.run(app, name="gss", route_prefix="/", blocking=True)

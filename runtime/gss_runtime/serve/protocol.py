@@ -128,6 +128,9 @@ def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
         if isinstance(item, str):
             if vocab != BYTE_VOCAB:
                 raise _bad(f"this model's tokens are not bytes (num_tokens {vocab}): give {where} as a list of token ids", "prompt")
+            if len(item) > limit:  # each character is at least one byte: refused before encoding a long text
+                raise _bad(f"{where} has at least {len(item)} tokens; this model's max_seq_len is {limit}", "prompt",
+                           "context_length_exceeded")
             ids = list(item.encode("utf-8"))
         else:
             ids = list(item)
@@ -195,7 +198,11 @@ def validation_error(errors: list[dict]) -> APIError:
     param = loc[0] if loc else None
     field_name = ".".join(loc) or "the request body"
     message = first.get("msg", "invalid request")
-    if param == "prompt" and first.get("type") != "missing":
+    if param == "prompt" and any(e.get("input", 0) is None and e.get("type") == "int_type" for e in errors):
+        # lm-eval sends its prefix token (a tokenizer's bos or eos) as null when the model has neither
+        message = ("prompt holds null where a token id belongs (lm-evaluation-harness does this for a model without "
+                   "bos or eos token: give it custom_prefix_token_id)")
+    elif param == "prompt" and first.get("type") != "missing":
         message = "prompt must be a string, a list of token ids, or a list of either"
     elif param == "stop":
         message = "stop must be a string or a list of strings"
