@@ -588,7 +588,7 @@ def depth_by_hand(raw: bytes) -> int:
        block=st.sampled_from([1, 2, 3, 7, 64]), limit=st.integers(0, 6))
 def test_the_nesting_scan_equals_a_byte_by_byte_count(raw, block, limit):
     """guard's numpy scan, over blocks as small as a byte (its carries: backslash runs, quotes, depth)."""
-    from gss_runtime.serve import guard
+    from gss_runtime.serve import strict_json as guard
 
     saved, guard._SCAN_BLOCK = guard._SCAN_BLOCK, block
     try:

@@ -27,9 +27,10 @@ from .budget import default_budget
 from .completions import Reply, collect, stream
 from .engine import Engine, EngineStopped, Overloaded, TooLarge
 from .engine import Request as EngineRequest
-from .guard import Guard, GuardOptions, check_prompt_count, current_options, parse_json
+from .guard import Guard, GuardOptions, current_options
 from .metrics import ServerMetrics
 from . import tokenization
+from .strict_json import check_prompt_count, parse_json
 from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, completions_of, samples_of, validation_error
 
 RETRY_AFTER_SECONDS = 1
@@ -208,7 +209,7 @@ def build_app(host: ModelHost, load: bool = True, guard: GuardOptions | None = N
 def _parse(raw: bytes, model: type[BaseModel]):
     """The body as JSON whatever its content type says (curl -d sends a form type), then checked as `model`.
 
-    Strict JSON (guard.parse_json): any failure is a 400, never a RecursionError or a later UnicodeEncodeError;
+    Strict JSON (strict_json.parse_json): any failure is a 400, never a RecursionError or a later UnicodeEncodeError;
     at most the server's --max-prompts prompts."""
     options = current_options()  # the options of the Guard the request came through
     data = parse_json(raw, options.max_json_depth)

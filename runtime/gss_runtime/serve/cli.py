@@ -12,6 +12,7 @@ from ..decoder import DECODER_NAME
 from ..errors import RuntimeInputError
 from ..session import locate
 from . import guard as limits
+from .http_limits import uvicorn_settings
 from .budget import DEFAULT_SHARE, available_memory, format_size, parse_size
 
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=5, **limits.uvicorn_settings(guard)))
+                                   timeout_graceful_shutdown=5, **uvicorn_settings(guard)))
     app.state.on_load_failure = lambda message: setattr(server, "should_exit", True)
     server.run()
     if host.error:

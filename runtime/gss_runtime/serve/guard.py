@@ -5,12 +5,9 @@
   /health (and /metrics with `public_metrics`; 401), then the body, read whole under a size limit (413,
   as soon as it is passed) and a deadline (408), and handed on to the app. Streams are untouched: the
   middleware wraps `receive` only until the body has been read, and never `send`.
-- `parse_json`: a body as JSON, every failure a 400 (not UTF-8, nested too deep, NaN or Infinity, a
-  float out of range, a duplicate key, a lone surrogate), never a RecursionError or a later
-  UnicodeEncodeError; `check_prompt_count` bounds the prompts in one request.
-- `uvicorn_settings`: the HTTP protocol gss-serve listens with: uvicorn's httptools protocol with the
-  request head bounded in bytes, header count and time (uvicorn's own has no bound on any of the three);
-  h11 with its incomplete-event limit where httptools is not installed.
+- `GuardOptions`: the keys and limits, read from the options by `guard_options`.
+
+The body's JSON is checked by `strict_json`, the request head by `http_limits` (uvicorn's protocol).
 """
 from __future__ import annotations
 
@@ -21,15 +18,12 @@ import hmac
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
-
 from ..errors import RuntimeInputError
-from .protocol import APIError
+from .strict_json import MAX_JSON_DEPTH
 
 API_KEY_ENV = "GSS_API_KEY"
 OPEN_PATHS = ("/health",)  # answered without a key; /metrics too with public_metrics
@@ -41,7 +35,6 @@ HEADER_TIMEOUT = 10.0
 MAX_HEADER_BYTES = 32 * 2**10
 MAX_HEADERS = 100
 MAX_PROMPTS = 256
-MAX_JSON_DEPTH = 32
 # a head that never completes is refused once its raw bytes pass the limit by this much: what the limit counts
 # (the URL, each header's name and value) leaves out the framing (the method, ': ' and CRLF per line)
 HEAD_FRAMING_SLACK = 8 * 2**10
@@ -138,128 +131,6 @@ def current_options() -> GuardOptions:
     return _CURRENT.get(_DEFAULT)
 
 
-_SCAN_BLOCK = 2**18  # bytes per numpy pass of the nesting scan: bounds its memory (a few MB) whatever the body
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def nesting_depth_exceeds(raw: bytes, limit: int) -> bool:
-    """Whether JSON text nests arrays and objects deeper than `limit`, brackets within strings not counted.
-
-    Linear, without recursion or parsing: numpy finds the quotes, backslashes and brackets of each block of
-    the text, and the work past that is on them alone. A quote after an odd run of backslashes is escaped.
-    For text that is not JSON it still bounds the depth a parser reaches before it fails (a parser stops at
-    the first backslash outside a string, and up to it the two agree)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False
-    data = np.frombuffer(raw, np.uint8)
-    run = quotes = depth = 0  # backslashes ending the blocks so far; unescaped quotes so far; the depth
-    for start in range(0, len(data), _SCAN_BLOCK):
-        a = data[start:start + _SCAN_BLOCK]
-        slashes = np.flatnonzero(a == 0x5C)
-        firsts = slashes[np.r_[True, slashes[1:] != slashes[:-1] + 1]] if len(slashes) else slashes  # of each run
-        quote_at = np.flatnonzero(a == 0x22)
-        escaped = np.zeros(len(quote_at), bool)
-        if len(quote_at) and (run or len(slashes)):
-            # the run of backslashes just before each quote: from its first one to the quote, plus those that
-            # ended the last block if it goes back to this block's start
-            after_slash = quote_at > 0
-            after_slash[after_slash] = a[quote_at[after_slash] - 1] == 0x5C
-            run_start = firsts[np.maximum(np.searchsorted(firsts, quote_at, side="right") - 1, 0)] if len(firsts) else quote_at
-            length = np.where(after_slash, quote_at - run_start + np.where(run_start == 0, run, 0), 0)
-            escaped = np.where(quote_at == 0, run, length) % 2 == 1
-        opening = quote_at[~escaped]
-        folded = a | 0x20  # [ and { as {, ] and } as }
-        brackets = np.flatnonzero((folded == 0x7B) | (folded == 0x7D))
-        inside = (np.searchsorted(opening, brackets) + quotes) % 2 == 1
-        step = np.where(folded[brackets] == 0x7B, 1, -1)[~inside]
-        if len(step):
-            levels = np.cumsum(step) + depth
-            if levels.max() > limit:
-                return True
-            depth = int(levels[-1])
-        quotes += len(opening)
-        ends_in_run = len(slashes) and slashes[-1] == len(a) - 1
-        run = len(a) - int(firsts[-1]) + (run if firsts[-1] == 0 else 0) if ends_in_run else 0
-    return False
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
-    return value
-
-
-def _unique_keys(pairs: list) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"duplicate key {_shown(key)}")
-            seen.add(key)
-    return out
-
-
-def _shown(text: str, limit: int = 40) -> str:
-    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-def _lone_surrogate(data: Any) -> tuple[str, str | None] | None:
-    """Where a string (or an object's key) holds a lone surrogate, as ("prompt[2]", "prompt"); None if nowhere."""
-    stack = [(data, "", None)]
-    while stack:
-        value, where, param = stack.pop()
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                return where or "the body", param
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if _SURROGATE.search(key):
-                    return f"a key of {where or 'the body'}", param
-                stack.append((item, f"{where}.{key}" if where else key, param or key))
-        elif isinstance(value, list):
-            stack.extend((item, f"{where}[{i}]", param) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
-    return None
-
-
-def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """`raw` as strict JSON (RFC 8259, UTF-8 with an optional byte order mark), or APIError(400) saying why not."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON as UTF-8") from None
-    if nesting_depth_exceeds(raw, max_depth):
-        raise APIError(400, f"the request body nests arrays and objects more than {max_depth} deep")
-    try:
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
-    except RecursionError:  # not reached past the depth check; kept so that no body can make a 500
-        raise APIError(400, "the request body nests arrays and objects too deeply") from None
-    except ValueError as e:  # JSONDecodeError, and the hooks' refusals; a number of over 4300 digits too
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make one: strict UTF-8 has none
-        found = _lone_surrogate(data)
-        if found is not None:
-            raise APIError(400, f"{found[0]} holds a lone surrogate (a \\uD800-\\uDFFF escape not in a pair), "
-                                "which is not Unicode text", param=found[1])
-    return data
-
-
-def check_prompt_count(data: Any, limit: int) -> None:
-    """At most `limit` prompts in one request (a list of strings or of id lists; one list of ids is one prompt)."""
-    prompt = data.get("prompt") if isinstance(data, dict) else None
-    if isinstance(prompt, list) and len(prompt) > limit and not isinstance(prompt[0], int):
-        raise APIError(400, f"{len(prompt)} prompts in one request; this server takes at most {limit} (--max-prompts)",
-                       param="prompt")
-
-
-# ---- the middleware -----------------------------------------------------------------------------------
-
 def _route_path(scope: dict) -> str:
     """The path as the router matches it (less the root path a proxy mounts the app under)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
@@ -268,7 +139,7 @@ def _route_path(scope: dict) -> str:
     return path
 
 
-def _error_body(message: str, code: str, type: str = "invalid_request_error") -> bytes:
+def error_body(message: str, code: str, type: str = "invalid_request_error") -> bytes:
     return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
 
 
@@ -388,7 +259,7 @@ class Guard:
 
     async def _refuse(self, send, refusal: _Refusal, close: bool = False) -> None:
         self.on_reject(refusal.status)
-        body = _error_body(refusal.message, refusal.code)
+        body = error_body(refusal.message, refusal.code)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *refusal.headers]
         if close:
             headers.append((b"connection", b"close"))
@@ -440,139 +311,3 @@ class _deadline:
 
 
 # ---- the HTTP protocol --------------------------------------------------------------------------------
-
-def uvicorn_settings(options: GuardOptions) -> dict:
-    """uvicorn.Config keywords that bound the request head: its bytes, header count and time to arrive."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:  # h11: the head within h11_max_incomplete_event_size (a 400 past it); no count, no deadline
-        return {"http": "h11", "h11_max_incomplete_event_size": options.max_header_bytes + HEAD_FRAMING_SLACK}
-    return {"http": bounded_httptools_protocol(options)}
-
-
-def bounded_httptools_protocol(options: GuardOptions) -> type:
-    """uvicorn's httptools protocol, whose request head has no bound (a header of any size is read into
-    memory), with three: the head's bytes (431; 414 for the URL alone), its header count (431), and its
-    time to arrive from the connection or its first byte (408, or a silent close for a connection that has
-    sent nothing). A request answered before its body has arrived (401, 413) has the rest of the body read
-    and dropped, so the client can read the answer, for at most body_timeout: then the connection is closed."""
-    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
-    class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._refusal: tuple[int, str, str] | None = None
-            self._closed_by_us = False
-            self._in_head, self._head_received = True, 0
-            self._url_bytes = self._field_bytes = self._field_count = 0
-            self._head_timer = self._linger_timer = None
-
-        # a connection, and each request head, must arrive in time
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._head_timer = self.loop.call_later(options.header_timeout, self._head_timed_out)
-
-        def connection_lost(self, exc):
-            for timer in (self._head_timer, self._linger_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._head_timer = self._linger_timer = None
-            super().connection_lost(exc)
-
-        def data_received(self, data):
-            if self._closed_by_us:
-                return
-            if self._in_head:
-                self._head_received += len(data)
-            super().data_received(data)
-            if not self._closed_by_us and self._in_head and self._head_received > options.max_header_bytes + HEAD_FRAMING_SLACK:
-                self._answer_and_close(431, f"the request head is longer than {options.max_header_bytes} bytes "
-                                            "(--max-header-bytes)", "request_header_fields_too_large")
-
-        def on_message_begin(self):
-            super().on_message_begin()
-            self._in_head = True
-            self._url_bytes = self._field_bytes = self._field_count = 0
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(options.header_timeout, self._head_timed_out)
-
-        def on_url(self, url):
-            self._url_bytes += len(url)
-            if self._url_bytes > options.max_header_bytes:
-                self._stop(414, f"the URL is longer than {options.max_header_bytes} bytes (--max-header-bytes)", "uri_too_long")
-            super().on_url(url)
-
-        def on_header(self, name, value):
-            self._field_count += 1
-            self._field_bytes += len(name) + len(value)
-            if self._field_count > options.max_headers:
-                self._stop(431, f"more than {options.max_headers} header fields (--max-headers)", "request_header_fields_too_large")
-            if self._url_bytes + self._field_bytes > options.max_header_bytes:
-                self._stop(431, f"the URL and header fields are longer than {options.max_header_bytes} bytes "
-                                "(--max-header-bytes)", "request_header_fields_too_large")
-            super().on_header(name, value)
-
-        def on_headers_complete(self):
-            self._in_head, self._head_received = False, 0
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            super().on_headers_complete()
-
-        def on_message_complete(self):
-            super().on_message_complete()
-            self._in_head, self._head_received = True, 0
-            if self._linger_timer is not None:  # the body of an answered request is over: the connection goes on
-                self._linger_timer.cancel()
-                self._linger_timer = None
-                # and waits for a next request, which uvicorn's keep-alive timer (cancelled by the body's bytes) no
-                # longer bounds
-                if self._head_timer is None:
-                    self._head_timer = self.loop.call_later(options.header_timeout, self._head_timed_out)
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
-                # answered before its body had all arrived (401, 413): uvicorn reads and drops the rest, for so long
-                self._linger_timer = self.loop.call_later(options.body_timeout, self._linger_over)
-
-        def _stop(self, status: int, message: str, code: str):
-            # raised from a parser callback: httptools stops and uvicorn calls send_400_response, which answers this
-            self._refusal = (status, message, code)
-            raise ValueError(message)
-
-        def send_400_response(self, msg: str):
-            if self._refusal is None:
-                return super().send_400_response(msg)
-            self._answer_and_close(*self._refusal)
-
-        def _head_timed_out(self):
-            self._head_timer = None
-            if self._closed_by_us or self.transport is None or self.transport.is_closing() or not self._in_head:
-                return
-            if self._head_received:  # part of a head: say why; a connection that sent nothing is just closed
-                self._answer_and_close(408, f"the request head did not arrive within {options.header_timeout:g} s "
-                                            "(--header-timeout)", "request_timeout")
-            else:
-                self._closed_by_us = True
-                self.transport.close()
-
-        def _linger_over(self):
-            self._linger_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def _answer_and_close(self, status: int, message: str, code: str):
-            self._closed_by_us = True
-            if self.transport.is_closing():
-                return
-            body = _error_body(message, code)
-            head = [STATUS_LINE[status]]
-            for name, value in self.server_state.default_headers:
-                head += [name, b": ", value, b"\r\n"]
-            head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-                     b"\r\nconnection: close\r\n\r\n", body]
-            self.transport.write(b"".join(head))
-            self.transport.close()
-
-    return BoundedHttpToolsProtocol
