@@ -7,9 +7,14 @@ right-aligned, so every row of a batch spans the batch's slots); a batch's state
 
 and the engine allocates exactly that when it forms the batch, so the state never grows (copies)
 while it runs. The recurrent families hold a fixed state per row: rows * bytes per row.
+
+Each row also costs a step working memory (onnxruntime's intermediates, which its arena keeps:
+for GatedStateSpacesLM several times the row's state, (rows, H, 2N) per elementwise pass), measured
+once when the engine starts (`probe_step_memory`) and counted with the row.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -21,21 +26,63 @@ DEFAULT_SHARE = 0.5
 
 @dataclass(frozen=True)
 class StateCost:
-    """Bytes of decoder state per row: per slot (`slot_bytes`, appended states) or fixed (`row_bytes`)."""
+    """Bytes per row: of state per slot (`slot_bytes`, appended states) or fixed (`row_bytes`), and of a
+    step's working memory (`work_bytes`)."""
 
     slot_bytes: int = 0
     row_bytes: int = 0
+    work_bytes: int = 0
 
     @classmethod
-    def of(cls, decoder) -> "StateCost":
+    def of(cls, decoder, work_bytes: int = 0) -> "StateCost":
         c = decoder.config
         if decoder.bounded:
-            return cls(slot_bytes=4 * c["depth"] * (c["dim_dsconv"] + c["heads"]))
-        return cls(row_bytes=4 * sum(int(np.prod(s)) for s in decoder.state_shapes))
+            return cls(slot_bytes=4 * c["depth"] * (c["dim_dsconv"] + c["heads"]), work_bytes=work_bytes)
+        return cls(row_bytes=4 * sum(int(np.prod(s)) for s in decoder.state_shapes), work_bytes=work_bytes)
 
     def bytes(self, rows: int, slots: int) -> int:
         """A batch of `rows` whose buffers hold `slots` slots (ignored for a fixed state)."""
-        return rows * (self.slot_bytes * slots + self.row_bytes)
+        return rows * (self.slot_bytes * slots + self.row_bytes + self.work_bytes)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def probe_step_memory(decoder, rows: int = 3) -> int:
+    """Bytes of working memory each row adds to a decoder step, measured: the peak resident memory of a
+    step of one row and of `rows` rows (Linux: the peak is reset through /proc/self/clear_refs). 0 where
+    that cannot be read; the probe's allocations stay in onnxruntime's arena, as a first request's would."""
+    def peak(k: int) -> int:
+        state = decoder.empty_state([0] * k)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM back to VmRSS
+        base = _status_kib("VmRSS")
+        decoder.step(np.zeros(k, np.int64), state)
+        return _status_kib("VmHWM") - base
+
+    try:
+        peak(1)  # the fixed part (the first call's allocations) out of the way
+        one, many = peak(1), peak(rows)
+    except OSError:
+        return 0
+    return max(0, (many - one) * 1024 // (rows - 1))
+
+
+def return_freed_memory_to_the_os() -> None:
+    """glibc keeps freed blocks below its mmap threshold, which grows as large blocks are freed (to 32 MiB),
+    so states and prefills that come and go fragment its heap and resident memory creeps past the budget
+    (measured: by one to one and a half requests' state). A fixed 1 MiB threshold returns every large
+    buffer to the system when it is freed. A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def lifetime_feeds(prompt_tokens: int, max_tokens: int, limit: int | None) -> int:

@@ -28,7 +28,7 @@ from ..decoder import Decoder, DecoderState
 from ..errors import RuntimeInputError
 from ..generate import RowProgress, choose
 from ..logprobs import TokenLogprob, token_logprobs
-from .budget import StateCost, lifetime_feeds
+from .budget import StateCost, lifetime_feeds, probe_step_memory
 from .requests import (Completion, EngineStopped, Event, Failed, Finished, Overloaded, Prompt, Request, Tokens,
                        TooLarge)
 
@@ -38,6 +38,9 @@ __all__ = ["Completion", "Engine", "EngineStopped", "Event", "Failed", "Finished
 # batches stepped separately (appended states only): each costs a decoder call per step, and lets
 # rows of very different lengths avoid sharing slots
 MAX_BATCHES = 4
+# a request joins a running batch unless a batch of its own costs less than this share of joining: rows of
+# similar lengths share batches, so one is left for rows of another length
+NEW_BATCH_SHARE = 0.8
 
 
 class _Row:
@@ -114,10 +117,12 @@ class Engine:
         self.decoder, self.max_batch, self.max_queue, self.max_prefill_tokens = decoder, max_batch, max_queue, max_prefill_tokens
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.limit = decoder.config["max_seq_len"] if decoder.bounded else None
-        self.cost, self.state_memory = StateCost.of(decoder), state_memory
+        work = probe_step_memory(decoder) if state_memory is not None else 0
+        self.cost, self.state_memory = StateCost.of(decoder, work), state_memory
         self.max_batches = MAX_BATCHES if decoder.bounded else 1
-        self.reserved_bytes = 0  # what the running batches' states can grow to (the budget's measure)
-        self.held_bytes = 0  # what their buffers hold now
+        # (what the running batches can grow to: the budget's measure, what their buffers hold now), replaced
+        # whole so that a reader sees one moment
+        self.state_bytes = (0, 0)
         self._waiting: collections.deque[_Unit] = collections.deque()
         self._batches: list[_Batch] = []
         self._outbox: list[tuple[Request, Event]] = []  # this step's events, sent together by _flush
@@ -207,9 +212,17 @@ class Engine:
             self._tell(request, event)
         self._flush()
 
+    @property
+    def reserved_bytes(self) -> int:
+        return self.state_bytes[0]
+
+    @property
+    def held_bytes(self) -> int:
+        return self.state_bytes[1]
+
     def _account(self) -> None:
-        self.reserved_bytes = sum(self._batch_bytes(len(b.rows), b.reach()) for b in self._batches)
-        self.held_bytes = sum(b.state.held_bytes for b in self._batches)
+        self.state_bytes = (sum(self._batch_bytes(len(b.rows), b.reach()) for b in self._batches),
+                            sum(b.state.held_bytes + self.cost.work_bytes * len(b.rows) for b in self._batches))
 
     def _batch_bytes(self, rows: int, reach: int) -> int:
         return self.cost.bytes(rows, reach)
@@ -230,7 +243,8 @@ class Engine:
             # what each batch would look like: [rows, length, most feeds left]; new batches appended
             plans = [[len(b.rows), _slots(b.state), max((r.feeds for r in b.rows), default=0)] for b in self._batches]
             reserved = sum(self._batch_bytes(n, length + feeds) for n, length, feeds in plans)
-            rows, tokens, placed, blocked = self.running, 0, {}, False
+            rows, placed, blocked = self.running, {}, False
+            longest: dict[int, int] = {}  # per prefill call (target batch): its longest prompt, which pads the others
             soonest = min((r.progress.max_new_tokens - r.progress.sampled for b in self._batches for r in b.rows), default=0)
             for unit in list(self._waiting):
                 live = unit.live
@@ -238,9 +252,14 @@ class Engine:
                     self._waiting.remove(unit)
                     continue
                 c = unit.completion
-                if rows + len(live) > self.max_batch or (placed and tokens + len(c.prompt) > self.max_prefill_tokens):
+                if rows + len(live) > self.max_batch:
                     break
                 target, cost = self._place(plans, c, len(live))
+                # a call's prompts are padded to its longest: what it computes, and holds, is rows x longest
+                padded = {t: len(placed[t]) * n for t, n in longest.items()}
+                padded[target] = (len(placed.get(target, [])) + 1) * max(longest.get(target, 0), len(c.prompt))
+                if placed and sum(padded.values()) > self.max_prefill_tokens:
+                    break
                 if self.state_memory is not None and reserved + cost > self.state_memory:
                     blocked = True  # the head waits for memory; later ones may overtake it within the rule above
                     continue
@@ -252,7 +271,7 @@ class Engine:
                     self._apply(plans, target, c, len(live))
                     rows += len(live)
                 reserved += cost
-                tokens += len(c.prompt)
+                longest[target] = max(longest.get(target, 0), len(c.prompt))
                 placed.setdefault(target, []).append(unit)
             return placed
 
@@ -261,12 +280,15 @@ class Engine:
         if c.max_tokens == 0:
             return -1, 0  # scored only: no row
         length, feeds = len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
-        best = (len(plans), self._batch_bytes(k, length + feeds)) if len(plans) < self.max_batches else None
+        best = None
         for i, (n, plan_length, plan_feeds) in enumerate(plans):
             grown = self._batch_bytes(n + k, max(plan_length, length) + max(plan_feeds, feeds))
             cost = grown - self._batch_bytes(n, plan_length + plan_feeds)
-            if best is None or cost <= best[1]:
+            if best is None or cost < best[1]:
                 best = (i, cost)
+        alone = self._batch_bytes(k, length + feeds)
+        if len(plans) < self.max_batches and (best is None or alone < NEW_BATCH_SHARE * best[1]):
+            return len(plans), alone
         return best
 
     def _apply(self, plans: list, target: int, c: Completion, k: int) -> None:
@@ -305,10 +327,10 @@ class Engine:
         new_logits = last[fork]
         with self._wake:
             if target == -1 or target >= len(self._batches):
-                new = _Batch(rows, None, new_logits)
-                new.state = state  # reach() needs the prompt's length; the forked state replaces it
-                new.state = state.repack(np.array(fork), capacity=new.reach(), consume=True)
-                self._batches.append(new)
+                capacity = 0
+                if isinstance(state, DecoderState):  # the forked rows' slots (leading padding dropped), then their feeds
+                    capacity = state.length - int(state.pad[fork].min()) + 1 + max(r.feeds for r in rows)
+                self._batches.append(_Batch(rows, state.repack(np.array(fork), capacity=capacity, consume=True), new_logits))
             else:
                 batch = self._batches[target]
                 forked = state.repack(np.array(fork), consume=True)

@@ -5,6 +5,7 @@ Names follow vLLM's where there is one, so existing dashboards need only the pre
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 # seconds; time to first token includes the queue and the prefill, so its buckets reach further
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -14,15 +15,12 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 class ServerMetrics:
     """What the engine reports (first_token, next_token, finished) and what the server counts."""
 
-    def __init__(self, running=lambda: 0, waiting=lambda: 0, reserved=lambda: 0, held=lambda: 0, budget=lambda: 0):
+    def __init__(self, running=lambda: 0, waiting=lambda: 0, state=lambda: (0, 0), budget=lambda: 0):
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("gss_num_requests_running", "Requests in the running batch", registry=r).set_function(running)
         Gauge("gss_num_requests_waiting", "Requests queued for a place in the batch", registry=r).set_function(waiting)
-        Gauge("gss_state_reserved_bytes", "Decoder state the running requests can grow to (what the budget admits by)",
-              registry=r).set_function(reserved)
-        Gauge("gss_state_used_bytes", "Decoder state the running requests' buffers hold now", registry=r).set_function(held)
-        Gauge("gss_state_budget_bytes", "--state-memory (0: no budget)", registry=r).set_function(budget)
+        r.register(_StateBytes(state, budget))
         self.ttft = Histogram("gss_time_to_first_token_seconds", "From arrival to the first sampled token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("gss_time_per_output_token_seconds", "Between consecutive tokens of one request",
@@ -43,3 +41,19 @@ class ServerMetrics:
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.requests.labels(reason).inc()
         self.prompt.inc(prompt_tokens)
+
+
+class _StateBytes:
+    """The engine's decoder-state gauges, read together (`state()` -> (reserved, used)) so that one scrape
+    shows one moment: reserved never below used."""
+
+    def __init__(self, state, budget):
+        self.state, self.budget = state, budget
+
+    def collect(self):
+        reserved, used = self.state()
+        yield GaugeMetricFamily("gss_state_reserved_bytes", "Decoder state (with each row's step working memory) "
+                                "the running requests can grow to: what the budget admits by", value=reserved)
+        yield GaugeMetricFamily("gss_state_used_bytes", "What the running requests hold now (state buffers and each "
+                                "row's step working memory)", value=used)
+        yield GaugeMetricFamily("gss_state_budget_bytes", "--state-memory (0: no budget)", value=self.budget())
