@@ -1,6 +1,6 @@
 """What a matrix-product convolution cannot go below: its transform's products, run alone.
 
-The default ONNX form (`monarch`, `gss_export/onnx_monarch.py`) evaluates a layer's convolution as a
+The default ONNX form (`monarch`, `gss_export/conv/onnx_monarch.py`) evaluates a layer's convolution as a
 forward transform of u (three matrix products), a complex product with the kernel's spectrum, and the
 inverse transform (three more). `floor_model` is that chain for one layer at one length with the rest
 taken away:
@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from common import best_of, session_options
 
-from gss_export.monarch import monarch_matrices, monarch_sizes
+from gss_export.conv.monarch import monarch_matrices, monarch_sizes
 
 # the factorizations `best_floor` tries: (order, b)
 CANDIDATES = [(3, 8), (3, 16), (3, 32), (3, 64), (4, 8), (4, 16), (5, 8)]

@@ -36,9 +36,9 @@ import torch
 from common import cpu_name, reference_models, session_options, timed
 from gss_export.checkpoint import load_checkpoint
 from gss_export.export import export_model
-from gss_export.int8_products import cpu_features, resolve_target
+from gss_export.variants.int8_products import cpu_features, resolve_target
 from gss_export.tolerances import QualityThreshold
-from gss_export.variant_export import VariantRequest
+from gss_export.variants.request import VariantRequest
 from gss_runtime.generate import Generator
 
 HERE = Path(__file__).resolve().parent

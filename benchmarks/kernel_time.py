@@ -25,7 +25,8 @@ from torch import nn
 from common import session_options
 from gss_export import DEFAULT_OPSET
 from gss_export.families import GatedDsConvLM
-from gss_export.targets.onnx import save_onnx, trace_onnx
+from gss_export.artifacts import save_onnx
+from gss_export.targets.onnx import trace_onnx
 
 PRODUCTS = ("MatMul", "Gemm", "FusedMatMul")
 

@@ -47,13 +47,14 @@ from decode import measure_decode
 from kernel_time import export_without_conv, kernel_breakdown
 from report import write_markdown, write_plot
 
-from gss_export.conv_forms import AUTO_FORM
+from gss_export.artifacts import save_onnx
+from gss_export.conv.forms import AUTO_FORM
 from gss_export.export import export_model
-from gss_export.targets.onnx import build_onnx, save_onnx
+from gss_export.targets.onnx import build_onnx
 from gss_export.targets.aoti import load_aoti
 from gss_export.targets.pt2 import load_pt2_program
 from gss_export.targets.torchscript import build_torchscript, save_torchscript
-from gss_export.variant_export import VariantRequest
+from gss_export.variants.request import VariantRequest
 
 # `auto` and its reduced-precision exports (gss-export --dtype fp16 / --quantize int8 [--int8-activations per-tensor])
 VARIANTS = {"": {}, "fp16": {}, "int8": {}, "int8 per-tensor": {"int8_activations": "per-tensor"}}  # "": float32

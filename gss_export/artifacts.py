@@ -1,4 +1,4 @@
-"""Output folders written all-or-nothing, and the `config.json` that describes an export.
+"""Output folders written all-or-nothing, the `config.json` that describes an export, and how an ONNX file is written.
 
 An export is built and validated in a staging folder beside the output folder; only a
 successful one is moved in, file by file with `os.replace`, so a failed export never
@@ -20,9 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import onnx
+
 from .errors import GSSExportError
 
 CONFIG_NAME = "config.json"
+# protobuf cannot hold a single message over 2 GiB: larger weights go to external data
+INLINE_LIMIT_BYTES = 1_800_000_000
 # a staging folder without an owner in its name (made by an older version) is removed once this old
 ORPHAN_AGE_S = 3600
 _OWNED = re.compile(r"^(\d+)-(\d+)-")
@@ -156,3 +160,31 @@ def _publish(staging: Path, out: Path) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
+    """Weights inline unless too big for protobuf (or `external_data=True`): then `model.onnx.data` beside it."""
+    strip_debug_metadata(proto)
+    if external_data is None:
+        external_data = proto.ByteSize() > INLINE_LIMIT_BYTES
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=external_data,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node metadata (stack traces with local file paths, FX node names).
+
+    Nothing reads it at run time, and it is about 30% of a small model's file (0.6 of 2.3 MB for
+    the example checkpoint), which would distort every size comparison.
+    """
+    graphs = [proto.graph]
+    while graphs:  # the If branches of an `auto` export too
+        for node in graphs.pop().node:
+            del node.metadata_props[:]
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)

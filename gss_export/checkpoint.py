@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .conv_forms import MODEL_FORMS
+from .conv.forms import MODEL_FORMS
 from .errors import CheckpointError
 from .families import BY_MIXER, FAMILIES, Family, GatedLM
 

@@ -127,9 +127,9 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
         console.print(f"  [dim]{note}[/]")
     variant = None
     if kind is not None:
-        from .quality import heldout
         from .tolerances import quality_for
-        from .variant_export import VariantRequest
+        from .variants.quality import heldout
+        from .variants.request import VariantRequest
 
         text = heldout(cfg.num_tokens, heldout_text) if heldout_text is not None else None
         # export_model checks the request (format, options) before it builds anything
@@ -164,7 +164,7 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
             _print_report(report)
     settings = result.settings
     if variant is not None:
-        from .variant_export import describe
+        from .variants.request import describe
 
         out.print(describe(settings), highlight=False)
     detail = f"conv={settings['conv']}" + (f", opset {settings['opset']}" if "opset" in settings else "")

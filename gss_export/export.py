@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import DEFAULT_OPSET
 from .artifacts import CONFIG_NAME, staged_output, write_json
@@ -16,7 +16,9 @@ from .targets import FORMATS, TARGETS
 from .targets.onnx import INPUTS, outputs_spec
 from .tolerances import Tolerance, tolerance_for
 from .validation import ValidationReport, default_shapes, validate_decoder, validate_forward
-from .variant_export import VariantRequest, check as check_variant
+
+if TYPE_CHECKING:  # the request brings its own saving and checking: export never imports the variants
+    from .variants.request import VariantRequest
 
 # (stage, done, total, label): stage is "export", "validate", "decoder" (or a variant's checks), then "publish"
 StageProgress = Callable[[str, int, int, str], None]
@@ -75,7 +77,7 @@ def export_model(
         progress("export", 1, 1, f"built {path.name}")
 
         if validate and variant is not None:
-            report, decoder_report = check_variant(staging, Path(out_dir), model, variant, settings, decoder, progress)
+            report, decoder_report = variant.check(staging, Path(out_dir), model, settings, decoder, progress)
         elif validate:
             report = validate_forward(target, path, model, shapes, tolerance, lambda i, n, label: progress("validate", i, n, label))
             report.artifact = str(Path(out_dir) / path.name)  # where it will live, not the staging folder

@@ -35,7 +35,7 @@ TOLERANCES: dict[str, Tolerance] = {
 
 @dataclass(frozen=True)
 class QualityThreshold:
-    """Reduced-precision exports against float32 eager on held-out text (see gss_export/quality.py):
+    """Reduced-precision exports against float32 eager on held-out text (see gss_export/variants/quality.py):
     top-1 agreement of next-token distributions at least `min_top1`, mean KL(eager || artifact) in
     nats at most `max_kl`."""
 

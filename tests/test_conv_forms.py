@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gss_export.conv_forms import (
+from gss_export.conv.forms import (
     AUTO_FORM, causal_conv_step, direct_causal_conv, fft2n_causal_conv, fft_causal_conv, next_pow2, resolve_form,
     upstream_fft_conv,
 )
-from gss_export.monarch import monarch_causal_conv, monarch_sizes
+from gss_export.conv.monarch import monarch_causal_conv, monarch_sizes
 
 
 FORMS = (

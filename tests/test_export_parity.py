@@ -140,8 +140,8 @@ def test_reverse_seq_layer_matches_upstream():
 
 
 def test_lengths_cover_every_block_boundary():
-    from gss_export.conv_forms import next_pow2
-    from gss_export.monarch import monarch_sizes
+    from gss_export.conv.forms import next_pow2
+    from gss_export.conv.monarch import monarch_sizes
 
     # the FFT form's length changes where 2n-1 crosses a power of two: check tests straddle one
     sizes = {n: next_pow2(2 * n - 1) for n in LENGTHS}

@@ -134,7 +134,7 @@ def test_every_onnx_form_validates(family, conv, tmp_path):
 def test_reduced_precision_variants(family, variant, tmp_path):
     from gss_export.export import export_model
     from gss_export.tolerances import quality_for
-    from gss_export.variant_export import VariantRequest
+    from gss_export.variants.request import VariantRequest
 
     result = export_model(family_model(family), "onnx", tmp_path, variant=VariantRequest(variant, quality_for(variant), None, 256, "auto"))
     assert result.report.ok and result.decoder_report.ok, (result.report.failures, result.decoder_report.failures)

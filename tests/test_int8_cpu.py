@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLE
-from gss_export.int8_products import resolve_target, rewrite_per_row
+from gss_export.variants.int8_products import resolve_target, rewrite_per_row
 from gss_runtime.int8_cpu import PROBE, u8s8_saturates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_probe_matches_the_cpu(avx2_only):
     vnni = bool(FLAGS & {"avx512_vnni", "avx_vnni"})
     assert u8s8_saturates() is (not vnni)
     assert resolve_target()["target"] == ("vnni" if vnni else "avx2")
-    seen = json.loads(in_subprocess("import json; from gss_export.int8_products import resolve_target; print(json.dumps(resolve_target()))", avx2_only))
+    seen = json.loads(in_subprocess("import json; from gss_export.variants.int8_products import resolve_target; print(json.dumps(resolve_target()))", avx2_only))
     assert seen["target"] == "avx2" and "AVX512F" not in seen["exporting_cpu_features"] and "AVX2" in seen["exporting_cpu_features"]
     assert resolve_target("vnni")["chosen_by"] == "--int8-cpu"
 
@@ -128,7 +128,7 @@ def test_avx2_ranged_export_is_the_same_on_both_kernels(avx2_only, tmp_path):
     plain session, and not in gss_runtime's, which turns on onnxruntime's exact products there."""
     from gss_export.checkpoint import load_checkpoint
     from gss_export.export import export_model
-    from gss_export.variant_export import VariantRequest
+    from gss_export.variants.request import VariantRequest
 
     model = load_checkpoint(EXAMPLE).model
     diffs = {}

@@ -14,7 +14,7 @@ import torch
 
 from conftest import EXAMPLE, RTOL, SMALL, eager_greedy, max_errors
 from gss_export.families import GatedDsConvLM, DsConvConfig
-from gss_export.monarch import monarch_sizes
+from gss_export.conv.monarch import monarch_sizes
 from gss_runtime.decoder import Decoder
 from gss_runtime.generate import Generator
 

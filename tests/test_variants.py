@@ -16,7 +16,7 @@ from onnx import TensorProto
 from conftest import EXAMPLE, LANG_NEW, LANG_PROMPT, run_cli
 from gss_export.corpus import load_corpus
 from gss_export.errors import GSSExportError
-from gss_export.quality import heldout
+from gss_export.variants.quality import heldout
 
 # the quality bars: top-1 agreement with float32 eager on held-out text, size against float32
 BARS = {"fp16": (0.99, 0.6), "int8": (0.95, 0.4)}
@@ -32,7 +32,7 @@ def variants(tmp_path_factory) -> dict:
     """{"fp16": folder, "int8": folder}: the example exported and validated (quality check) as each variant."""
     from gss_export.checkpoint import load_checkpoint
     from gss_export.export import export_model
-    from gss_export.variant_export import VariantRequest
+    from gss_export.variants.request import VariantRequest
 
     model = load_checkpoint(EXAMPLE).model
     folders = {}

@@ -9,7 +9,8 @@ config from weight shapes, and the kind of state its decoder carries:
   comes from parameters and the layer is an exact linear recurrence ("replace": per layer, one
   fixed-size state, returned whole at each step).
 
-Adding a family: a module with those parts and one `Family` entry below.
+Adding a family: a module with those parts (its config saying upstream's class, its decoder's state and,
+if measured otherwise, `prefill_above`: `gated.FamilyConfig`) and one `Family` entry below.
 """
 from __future__ import annotations
 
@@ -28,21 +29,31 @@ SizeReader = Callable[[str, list], int]
 @dataclass(frozen=True)
 class Family:
     name: str  # config.json's model.family
-    upstream_class: str  # the LM class in gated_state_spaces_pytorch
-    config: type
+    config: type  # also says upstream's class, the decoder's state and prefill_above (`gated.FamilyConfig`)
     model: type
     mixer: str  # the mixer's attribute in each layer, as upstream names it: layers.{i}.<mixer>.*
-    state: str  # "append" (a slot per token) or "replace" (fixed size)
     read_config: Callable  # (size: SizeReader, depth, max_seq_len, options) -> config
-    # measured choices that differ from the targets' defaults (benchmarks/families.py):
+    # a measured choice that differs from the targets' defaults (benchmarks/families.py):
     auto_forms: dict = field(default_factory=dict)  # target -> the form `auto` means for this family
-    prefill_above: int = 128  # a call of more new tokens goes through the prefill graph
+
+    @property
+    def upstream_class(self) -> str:
+        """The LM class in gated_state_spaces_pytorch."""
+        return self.config.upstream_class
+
+    @property
+    def state(self) -> str:
+        """"append" (a slot per token) or "replace" (fixed size)."""
+        return self.config.state
+
+    @property
+    def prefill_above(self) -> int:
+        """A call of more new tokens goes through the prefill graph (measured: benchmarks/families.py)."""
+        return self.config.prefill_above
 
     def upstream(self, config):
         """Upstream's eager model of `config` (random weights), the reference for validation."""
-        import gated_state_spaces_pytorch
-
-        return getattr(gated_state_spaces_pytorch, self.upstream_class)(**config.upstream_kwargs())
+        return config.upstream()
 
 
 L = "layers.{i}."
@@ -91,13 +102,12 @@ def _factor(size: SizeReader, dim: int) -> float:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("dsconv", "GatedDsConvLM", DsConvConfig, GatedDsConvLM, "dsconv", "append", _dsconv_config),
+        Family("dsconv", DsConvConfig, GatedDsConvLM, "dsconv", _dsconv_config),
         # one channel per head (head_dim 1): the direct form's Toeplitz matrices cost more than the products they
-        # feed, so monarch wins from 16 tokens (forward 2.5 ms against 2.6 at 16, 16 against 46 at 128)
-        Family("gss", "GatedStateSpacesLM", StateSpacesConfig, GatedStateSpacesLM, "dss", "replace", _gss_config,
-               auto_forms={"onnx": "monarch"}, prefill_above=16),
-        Family("mhesa", "GatedExponentialSmoothingLM", ExponentialSmoothingConfig, GatedExponentialSmoothingLM, "mhesa", "replace",
-               _mhesa_config),
+        # feed, so monarch wins from 16 tokens (forward 2.5 ms against 2.6 at 16, 16 against 46 at 128); so does
+        # prefill over the step (StateSpacesConfig.prefill_above = 16)
+        Family("gss", StateSpacesConfig, GatedStateSpacesLM, "dss", _gss_config, auto_forms={"onnx": "monarch"}),
+        Family("mhesa", ExponentialSmoothingConfig, GatedExponentialSmoothingLM, "mhesa", _mhesa_config),
     )
 }
 BY_MIXER = {f.mixer: f for f in FAMILIES.values()}

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..conv_forms import causal_conv_step, continuation_inputs, make_conv
+from ..conv.forms import causal_conv_step, continuation_inputs, make_conv
 from .gated import FamilyConfig, GatedLayer, GatedLM
 
 
@@ -21,6 +21,8 @@ class DsConvConfig(FamilyConfig):
     """Hyper-parameters of `GatedDsConvLM`; all but `max_seq_len` are readable from weight shapes."""
 
     family: ClassVar[str] = "dsconv"
+    upstream_class: ClassVar[str] = "GatedDsConvLM"
+    state: ClassVar[str] = "append"
     num_tokens: int
     dim: int
     depth: int

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..conv_forms import direct_causal_conv, make_conv
+from ..conv.forms import direct_causal_conv, make_conv
 from .gated import FamilyConfig, GatedLayer
 from .recurrent import RecurrentLM, carried_decay, carried_lags, real_positions
 
@@ -31,6 +31,10 @@ class StateSpacesConfig(FamilyConfig):
     tell it) and `max_seq_len` (the export's limit; upstream has none) are read from weight shapes."""
 
     family: ClassVar[str] = "gss"
+    upstream_class: ClassVar[str] = "GatedStateSpacesLM"
+    state: ClassVar[str] = "replace"
+    # one channel per head: the step's direct form loses to prefill's monarch from 16 tokens (families.FAMILIES["gss"])
+    prefill_above: ClassVar[int] = 16
     num_tokens: int
     dim: int
     depth: int

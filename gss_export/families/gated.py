@@ -17,9 +17,25 @@ from torch import nn
 
 
 class FamilyConfig:
-    """What every family's frozen config dataclass shares; a family sets `family` and its fields."""
+    """What every family's frozen config dataclass shares; a family sets `family`, the class-level facts
+    below and its fields.
 
-    family: ClassVar[str]
+    The facts are what the rest of the exporter needs from a model it is handed (the upstream class it
+    is validated against, the decoder's state and when to prefill), read from `model.config`: only
+    intake and the export's top need the table of families (`families.FAMILIES`, whose `Family`
+    entries read them from here).
+    """
+
+    family: ClassVar[str]  # config.json's model.family
+    upstream_class: ClassVar[str]  # the LM class in gated_state_spaces_pytorch
+    state: ClassVar[str]  # the decoder's state: "append" (a slot per token) or "replace" (fixed size)
+    prefill_above: ClassVar[int] = 128  # a call of more new tokens goes through the prefill graph
+
+    def upstream(self):
+        """Upstream's eager model of this config (random weights), the reference for validation."""
+        import gated_state_spaces_pytorch
+
+        return getattr(gated_state_spaces_pytorch, self.upstream_class)(**self.upstream_kwargs())
 
     @property
     def dim_hidden(self) -> int:

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..conv_forms import direct_causal_conv, make_conv
+from ..conv.forms import direct_causal_conv, make_conv
 from .gated import FamilyConfig, GatedLayer
 from .recurrent import RecurrentLM, carried_decay, carried_lags, real_positions
 
@@ -30,6 +30,8 @@ class ExponentialSmoothingConfig(FamilyConfig):
     upstream has none) are read from weight shapes."""
 
     family: ClassVar[str] = "mhesa"
+    upstream_class: ClassVar[str] = "GatedExponentialSmoothingLM"
+    state: ClassVar[str] = "replace"
     num_tokens: int
     dim: int
     depth: int

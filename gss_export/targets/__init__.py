@@ -1,7 +1,7 @@
 """The export targets: one module each beside this one, one class each here, listed in one table (`TARGETS`).
 
 A target owns its file name, its tolerance and `auto` convolution form (by its name in
-`tolerances.TOLERANCES` and `conv_forms.AUTO_FORM`), its settings, how it builds and saves the
+`tolerances.TOLERANCES` and `conv.forms.AUTO_FORM`), its settings, how it builds and saves the
 artifact, how validation runs its forward, and how its incremental decoder is loaded. `export.py`
 drives any of them the same way: build -> compare forward -> compare the decoder -> config.json.
 """
@@ -12,7 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..conv_forms import SWITCH_FORMS, resolve_form
+from ..artifacts import save_onnx
+from ..conv.forms import SWITCH_FORMS, resolve_form
 from ..families import family_of
 from ..validation import ValidationReport, torch_runner
 from . import aoti, onnx, onnx_decoder, pt2, torchscript
@@ -56,7 +57,12 @@ class OnnxTarget(Target):
         return family_of(model).auto_forms.get("onnx", conv) if conv == "auto" else conv
 
     def build(self, model, staging, settings, metadata, *, conv, opset, external_data, decoder, variant, progress):
-        from ..variant_export import save as save_onnx_file  # it builds on targets.onnx: imported when used
+        def save_onnx_file(proto, path):
+            """float32, or the requested fp16/int8 variant (`variants.request.VariantRequest.save`)."""
+            if variant is None:
+                save_onnx(proto, path, external_data)
+            else:
+                variant.save(proto, path, external_data, settings)
 
         conv = self.form(model, conv)
         if variant is not None and resolve_form(conv, "onnx") == "switch":
@@ -69,14 +75,14 @@ class OnnxTarget(Target):
         proto = onnx.build_onnx(model, conv=conv, opset=opset)
         onnx.annotate(proto, {**metadata, "export": settings})
         path = staging / settings["file"]
-        save_onnx_file(proto, path, external_data, variant, settings)
+        save_onnx_file(proto, path)
         if decoder:
             io = describe(model.config)
             for name, prefill, how in ((onnx_decoder.FILE, False, "direct"), (onnx_decoder.PREFILL_FILE, True, onnx_decoder.PREFILL_FORM)):
                 progress("export", 0, 1, f"building {name}")
                 graph = onnx_decoder.build_decoder(model, opset=opset, prefill=prefill)
                 onnx.annotate(graph, {"model": config, "export": {**settings, "file": name, "conv": how}, **io})
-                save_onnx_file(graph, staging / name, external_data, variant, settings)
+                save_onnx_file(graph, staging / name)
             settings["decoder"] = {"file": onnx_decoder.FILE, **io}
             settings["prefill"] = {"file": onnx_decoder.PREFILL_FILE, "conv": onnx_decoder.PREFILL_FORM,
                                    "use_above_new_tokens": io["prefill_above"]}

@@ -1,7 +1,7 @@
 """The decoder's contract, written once: input and output names, shapes, the state's kind, and what
 torch.export and the ONNX exporter trace for `step` and `prefill`.
 
-Two kinds of state, one per family kind (`families.Family.state`):
+Two kinds of state, one per family kind (the config's `state`, `families.gated.FamilyConfig`):
 
 - "append" (GatedDsConvLM): inputs input_ids (batch, new_tokens), pad (batch,) the slot of each
   row's position 0, past_u.i (context, batch, dim_dsconv) and past_k.i (context, batch, heads);
@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from .signatures import MAX_BATCH
-from ..families import family_of
 
 
 def state_kind(config) -> str:
-    return family_of(config).state
+    return config.state
 
 
 def input_names(config) -> list[str]:
@@ -45,7 +44,7 @@ def describe(config) -> dict:
     """Names, dtypes and shapes of the decoder's inputs and outputs, and its state's kind and size
     (stored in config.json and the decoder's metadata)."""
     c, kind = config, state_kind(config)
-    above = family_of(config).prefill_above  # the runtimes send calls of more new tokens to prefill.onnx
+    above = config.prefill_above  # the runtimes send calls of more new tokens to prefill.onnx
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]}
     logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "new_tokens", c.num_tokens]}
 

@@ -2,25 +2,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 
 from .. import DEFAULT_OPSET, __version__
-from ..conv_forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
+from ..conv.forms import SWITCH_FORMS, SWITCH_LENGTH, resolve_form
+from ..conv.length_switch import switch_by_length
+from ..conv.onnx_fft import fft_conv_translation
+from ..conv.onnx_monarch import monarch_conv_translation
 from ..errors import GSSExportError
 from .signatures import forward_signature, quiet_tracing
-from ..families import GatedLM
-from ..onnx_fft import fft_conv_translation
-from ..onnx_length_switch import switch_by_length
-from ..onnx_monarch import monarch_conv_translation
+
+if TYPE_CHECKING:  # annotations only: the targets read what they need from the model they are given
+    from ..families import GatedLM
 
 # torch's dynamo exporter builds at opset 18 at least and converts down from there
 BUILD_MIN_OPSET = 18
 SUPPORTED_OPSETS = range(17, 24)
-# protobuf cannot hold a single message over 2 GiB: larger weights go to external data
-INLINE_LIMIT_BYTES = 1_800_000_000
 
 INPUTS = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
 
@@ -124,34 +124,6 @@ def annotate(proto: onnx.ModelProto, metadata: dict) -> None:
     proto.producer_name = "gss-export"
     proto.producer_version = __version__
     proto.doc_string = "gated-state-spaces LM: input_ids int64 [batch, sequence] -> logits float32 [batch, sequence, num_tokens]"
-
-
-def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> None:
-    """Weights inline unless too big for protobuf (or `external_data=True`): then `model.onnx.data` beside it."""
-    strip_debug_metadata(proto)
-    if external_data is None:
-        external_data = proto.ByteSize() > INLINE_LIMIT_BYTES
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=external_data,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
-
-
-def strip_debug_metadata(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node metadata (stack traces with local file paths, FX node names).
-
-    Nothing reads it at run time, and it is about 30% of a small model's file (0.6 of 2.3 MB for
-    the example checkpoint), which would distort every size comparison.
-    """
-    graphs = [proto.graph]
-    while graphs:  # the If branches of an `auto` export too
-        for node in graphs.pop().node:
-            del node.metadata_props[:]
-            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
 
 
 def _rename_symbolic_dims(proto: onnx.ModelProto, *, num_tokens: int) -> None:

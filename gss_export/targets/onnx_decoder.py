@@ -19,7 +19,7 @@ from .onnx import SUPPORTED_OPSETS, conv_translations, dynamo_export
 
 # the runtime's file names
 FILE, PREFILL_FILE = DECODER_NAME, PREFILL_NAME
-# the conv form prefill.onnx runs over all slots: exact at every length, O(n^(4/3)) (`monarch.py`)
+# the conv form prefill.onnx runs over all slots: exact at every length, O(n^(4/3)) (`conv/monarch.py`)
 PREFILL_FORM = "monarch"
 
 

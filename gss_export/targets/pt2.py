@@ -3,23 +3,26 @@
 `torch.export.load(path)` gives the forward program, dynamic in batch and length (up to
 max_seq_len); `load_pt2(path).exported_programs["step"]` the incremental decoder, with the ONNX
 decoder's interface (a past of at least one slot). The FFT conv runs as plain aten FFT ops at
-length 2n (`conv_forms.fft2n_causal_conv`), which torch.export keeps symbolic; the aoti target
+length 2n (`conv.forms.fft2n_causal_conv`), which torch.export keeps symbolic; the aoti target
 compiles the same programs (`aoti.py`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.export import ExportedProgram
 
 from .. import __version__
-from ..conv_forms import resolve_form
+from ..conv.forms import resolve_form
 from ..errors import GSSExportError
 from .decoder_io import StepGraph, step_signature
 from .signatures import forward_signature, quiet_tracing
-from ..families import GatedLM
+
+if TYPE_CHECKING:  # annotations only: the targets read what they need from the model they are given
+    from ..families import GatedLM
 
 FILE = "model.pt2"
 PROGRAMS = ("model", "step", "prefill")

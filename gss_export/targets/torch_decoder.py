@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .decoder_io import state_kind
-from ..families import family_of
 
 
 class TorchDecoder:
@@ -24,7 +23,7 @@ class TorchDecoder:
     def __init__(self, step: Callable, config, prefill: Callable | None = None):
         self.step_fn, self.prefill_fn, self.config = step, prefill, config
         self.kind = state_kind(config)
-        self.prefill_above = family_of(config).prefill_above  # as the runtime reads it from the export
+        self.prefill_above = config.prefill_above  # as the runtime reads it from the export
 
     def empty_state(self, pads):
         """Appended: one zero padding slot (pad counts it), the exported steps need a past of at least one

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import __version__
-from ..conv_forms import resolve_form
-from ..families import GatedLM
+from ..conv.forms import resolve_form
+
+if TYPE_CHECKING:  # annotations only: the targets read what they need from the model they are given
+    from ..families import GatedLM
 
 
 def export_settings(model: GatedLM, *, conv: str) -> dict:

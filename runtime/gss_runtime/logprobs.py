@@ -37,16 +37,21 @@ def token_logprobs(logits: np.ndarray, tokens, top: int = 0) -> list[TokenLogpro
     """
     if len(logits) == 0:
         return []
-    lp = log_softmax(logits)
+    # log p = logit - logsumexp(logits): one pass for the normaliser, then only the values read are shifted
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x).sum(axis=-1))
     tokens = np.asarray(tokens, np.int64)
-    chosen = lp[np.arange(len(tokens)), tokens]
+    chosen = x[np.arange(len(tokens)), tokens] - lse
     if top <= 0:
         return [TokenLogprob(int(t), float(v)) for t, v in zip(tokens, chosen)]
-    top = min(top, lp.shape[-1])
-    # the best `top` by partition, then sorted: descending value, ascending id on ties
-    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
-    values = np.take_along_axis(lp, part, axis=-1)
-    order = np.lexsort((part, -values), axis=-1)
-    ids, values = np.take_along_axis(part, order, axis=-1), np.take_along_axis(values, order, axis=-1)
+    top = min(top, x.shape[-1])
+    if top == 1:
+        ids = x.argmax(axis=-1)[:, None]  # the first of equal maxima: the lowest id, as below
+    else:  # the best `top` by partition, then sorted: descending value, ascending id on ties
+        part = np.argpartition(-x, top - 1, axis=-1)[:, :top]
+        order = np.lexsort((part, -np.take_along_axis(x, part, axis=-1)), axis=-1)
+        ids = np.take_along_axis(part, order, axis=-1)
+    values = np.take_along_axis(x, ids, axis=-1) - lse[:, None]
     return [TokenLogprob(int(t), float(v), tuple(zip(map(int, i), map(float, vs))))
             for t, v, i, vs in zip(tokens, chosen, ids, values)]

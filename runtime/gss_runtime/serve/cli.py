@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
     p.add_argument("--eos-id", type=int, help="a token that ends a completion (not returned), unless a request sets ignore_eos")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    access = p.add_argument_group("API keys and request limits (README: Running in production)")
+    access = p.add_argument_group("API keys and request limits (docs/serving.md: Running in production)")
     access.add_argument("--api-key", metavar="KEY", action="append", default=[],
                         help="clients must send 'Authorization: Bearer KEY' on every route but /health (repeatable; "
                              f"other local users can read a command line: prefer --api-key-file or ${limits.API_KEY_ENV})")

@@ -28,7 +28,7 @@ from .strict_json import MAX_JSON_DEPTH
 API_KEY_ENV = "GSS_API_KEY"
 OPEN_PATHS = ("/health",)  # answered without a key; /metrics too with public_metrics
 
-# defaults (README, "Running in production", says why each)
+# defaults (docs/serving.md, "Running in production", says why each)
 MAX_BODY_BYTES = 4 * 2**20
 BODY_TIMEOUT = 30.0
 HEADER_TIMEOUT = 10.0

@@ -1,25 +1,28 @@
 """The fp16 / int8 variants inside an ONNX export: what is asked for, how it is written, how it is checked.
 
-`export.export_model` builds the float32 graphs as usual; with a `VariantRequest` each is written
-as its variant instead (`onnx_variants`), and validation is the quality check on held-out text
-(`quality`) in place of the float32 tolerance check, which cannot hold at reduced precision.
+`export.export_model` builds the float32 graphs as usual; with a `VariantRequest` the ONNX target
+hands each one to the request, which writes it as its variant instead (`VariantRequest.save`, built by
+`build`), and validation is the request's quality check on held-out text (`VariantRequest.check`,
+`quality`) in place of the float32 tolerance check, which cannot hold at reduced precision. The request
+carries that behaviour into the export, so neither `export` nor `targets` imports this package.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 
+from ..errors import GSSExportError, ValidationFailed
+from ..targets import TARGETS
+from ..tolerances import QualityThreshold, quality_for
 from . import quality
-from .errors import GSSExportError, ValidationFailed
-from .families import GatedLM
+from .build import INT8_ACTIVATIONS, VARIANTS, save_variant
 from .int8_products import resolve_target
-from .onnx_variants import INT8_ACTIVATIONS, VARIANTS, save_variant
-from .targets import TARGETS
-from .targets.onnx import save_onnx
-from .tolerances import QualityThreshold, quality_for
+
+if TYPE_CHECKING:  # annotations only
+    from ..families import GatedLM
 
 DTYPES = {"fp16": "float16", "int8": "int8"}
 
@@ -34,7 +37,7 @@ class VariantRequest:
     heldout: quality.HeldOut | None = None
     window: int = quality.WINDOW
     int8_activations: str = "auto"
-    int8_cpu: str = "auto"  # the CPU the int8 weights are ranged for (int8_products.resolve_target)
+    int8_cpu: str = "auto"  # the CPU the int8 weights are ranged for (`int8_products.resolve_target`)
     options: dict = field(default_factory=dict, init=False)
 
     def prepare(self, fmt: str, model: GatedLM, validate: bool = True) -> None:
@@ -59,39 +62,34 @@ class VariantRequest:
         """What config.json's export settings say about the variant before it is built."""
         return {"dtype": DTYPES[self.kind], "variant": {"kind": self.kind, **self.options, "files": {}}}
 
+    def save(self, proto: onnx.ModelProto, path: Path, external_data: bool | None, settings: dict) -> None:
+        """Write the float32 `proto` to `path` as this variant; its record goes into `settings`."""
+        settings["variant"]["files"][path.name] = save_variant(proto, self.kind, path, external_data, **self.options)
 
-def save(proto: onnx.ModelProto, path: Path, external_data: bool | None, request: VariantRequest | None, settings: dict) -> None:
-    """Write `proto` to `path`, as the requested variant if any (its record goes into `settings`)."""
-    if request is None:
-        save_onnx(proto, path, external_data)
-        return
-    settings["variant"]["files"][path.name] = save_variant(proto, request.kind, path, external_data, **request.options)
-
-
-def check(staging: Path, out_dir: Path, model: GatedLM, request: VariantRequest, settings: dict,
-          decoder: bool, progress: Callable[[str, int, int, str], None]):
-    """(model report, decoder report or None): quality of the staged files; raises ValidationFailed below threshold."""
-    batch = quality.windows(request.heldout.ids, model.config.max_seq_len, length=request.window)
-    want, reference = quality.eager_logits(model, batch)
-    reports = []
-    for name, runner in (("model.onnx", quality.model_runner), ("decoder.onnx", quality.decoder_runner)):
-        if name == "decoder.onnx" and not decoder:
-            reports.append(None)
-            continue
-        record = settings["variant"]["files"][name]
-        report = quality.QualityReport(
-            artifact=str(out_dir / name), reference=reference, threshold=request.threshold, text=request.heldout.source,
-            bytes=record["bytes"], fp32_bytes=record["fp32_bytes"],
-        )
-        stage = "quality" if name == "model.onnx" else "decoder quality"
-        reports.append(quality.measure(runner(staging / name), want, batch, report, lambda i, n, label, s=stage: progress(s, i, n, label)))
-    for report in reports:
-        if report is not None and not report.ok:
-            raise ValidationFailed(
-                f"{Path(report.artifact).name} ({request.kind}) is too far from float32 eager on held-out text: "
-                f"{'; '.join(report.failures)}; nothing was written to {out_dir}", report=report,
+    def check(self, staging: Path, out_dir: Path, model: GatedLM, settings: dict, decoder: bool,
+              progress: Callable[[str, int, int, str], None]):
+        """(model report, decoder report or None): quality of the staged files; raises ValidationFailed below threshold."""
+        batch = quality.windows(self.heldout.ids, model.config.max_seq_len, length=self.window)
+        want, reference = quality.eager_logits(model, batch)
+        reports = []
+        for name, runner in (("model.onnx", quality.model_runner), ("decoder.onnx", quality.decoder_runner)):
+            if name == "decoder.onnx" and not decoder:
+                reports.append(None)
+                continue
+            record = settings["variant"]["files"][name]
+            report = quality.QualityReport(
+                artifact=str(out_dir / name), reference=reference, threshold=self.threshold, text=self.heldout.source,
+                bytes=record["bytes"], fp32_bytes=record["fp32_bytes"],
             )
-    return reports[0], reports[1]
+            stage = "quality" if name == "model.onnx" else "decoder quality"
+            reports.append(quality.measure(runner(staging / name), want, batch, report, lambda i, n, label, s=stage: progress(s, i, n, label)))
+        for report in reports:
+            if report is not None and not report.ok:
+                raise ValidationFailed(
+                    f"{Path(report.artifact).name} ({self.kind}) is too far from float32 eager on held-out text: "
+                    f"{'; '.join(report.failures)}; nothing was written to {out_dir}", report=report,
+                )
+        return reports[0], reports[1]
 
 
 def describe(settings: dict) -> str:

@@ -33,9 +33,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import GSSExportError
+from ..artifacts import save_onnx
+from ..errors import GSSExportError
 from .int8_products import resolve_target, rewrite_per_row
-from .targets.onnx import save_onnx
 
 VARIANTS = ("fp16", "int8")
 # candidates for float16 compute: the per-position layers (see the module docstring)

@@ -12,15 +12,17 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from .errors import GSSExportError
-from .families import GatedLM
-from .tolerances import QualityThreshold
-from .validation import eager_reference
+from ..errors import GSSExportError
+from ..tolerances import QualityThreshold
+from ..validation import eager_reference
+
+if TYPE_CHECKING:  # annotations only
+    from ..families import GatedLM
 
 BYTE_VOCAB = 256
 WINDOWS = 8  # 8 windows of 512: 4096 next-token distributions, a resolution of 0.00024 in top-1
@@ -77,7 +79,7 @@ def heldout(num_tokens: int, path: str | Path | None = None) -> HeldOut:
                 f"this model has num_tokens {num_tokens}, so the built-in held-out text (bytes) does not fit it: "
                 "give --heldout-text FILE with token ids separated by spaces, newlines or commas"
             )
-        from .corpus import HELDOUT_FRACTION, load_corpus
+        from ..corpus import HELDOUT_FRACTION, load_corpus
 
         data = load_corpus()[1]
         return HeldOut(np.frombuffer(data, np.uint8).astype(np.int64),

@@ -25,7 +25,7 @@ import numpy as np
 from gss_runtime.int8_cpu import u8s8_saturates
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import GSSExportError
+from ..errors import GSSExportError
 
 CPU_TARGETS = ("auto", "vnni", "avx2")
 WHY_TARGET = {

@@ -27,7 +27,7 @@ MODEL_FORMS = FORMS + ("fft2n", "upstream")
 AUTO_FORM = {"onnx": "switch", "torchscript": "fft", "eager": "fft", "pt2": "fft2n", "aoti": "fft2n"}
 # ONNX `auto` ("switch"): the Toeplitz form up to SWITCH_LENGTH tokens (fewest nodes: it wins while
 # n^2 is small), monarch above, picked inside the graph by an If on the sequence length
-# (`onnx_length_switch.py`); measured crossover between 128 and 256 tokens (README "Benchmarks")
+# (`length_switch.py`); measured crossover between 128 and 256 tokens (README "Benchmarks")
 SWITCH_FORMS = ("direct", "monarch")
 SWITCH_LENGTH = 128
 # torch.export traces Python: a size picked from n by a loop or a table is fixed at the example length
