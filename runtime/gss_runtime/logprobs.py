@@ -6,16 +6,16 @@ logits, so a token's value is the same number wherever it appears (its own entry
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 MAX_TOP = 20  # as OpenAI and vLLM: the widest top list a request may ask for
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One position: the token there, its log-probability, and the `top` most likely tokens (most likely first)."""
+class TokenLogprob(NamedTuple):
+    """One position: the token there, its log-probability, and the `top` most likely tokens (most likely first).
+    A tuple: a scored 2,000-token prompt makes 2,000 of them."""
 
     token: int
     logprob: float
@@ -44,7 +44,7 @@ def token_logprobs(logits: np.ndarray, tokens, top: int = 0) -> list[TokenLogpro
     tokens = np.asarray(tokens, np.int64)
     chosen = x[np.arange(len(tokens)), tokens] - lse
     if top <= 0:
-        return [TokenLogprob(int(t), float(v)) for t, v in zip(tokens, chosen)]
+        return [TokenLogprob(t, v) for t, v in zip(tokens.tolist(), chosen.tolist())]
     top = min(top, x.shape[-1])
     if top == 1:
         ids = x.argmax(axis=-1)[:, None]  # the first of equal maxima: the lowest id, as below
@@ -53,5 +53,5 @@ def token_logprobs(logits: np.ndarray, tokens, top: int = 0) -> list[TokenLogpro
         order = np.lexsort((part, -np.take_along_axis(x, part, axis=-1)), axis=-1)
         ids = np.take_along_axis(part, order, axis=-1)
     values = np.take_along_axis(x, ids, axis=-1) - lse[:, None]
-    return [TokenLogprob(int(t), float(v), tuple(zip(map(int, i), map(float, vs))))
-            for t, v, i, vs in zip(tokens, chosen, ids, values)]
+    return [TokenLogprob(t, v, tuple(zip(i, vs)))
+            for t, v, i, vs in zip(tokens.tolist(), chosen.tolist(), ids.tolist(), values.tolist())]

@@ -27,6 +27,7 @@ class Vocabulary:
         self.size = size
         self.text = size == BYTE_VOCAB
         self.kind = "bytes" if self.text else "ids"
+        self._pieces = [self._piece(t) for t in range(size)] if self.text else None
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids (its UTF-8 bytes); NoTextMapping for a model without text."""
@@ -42,6 +43,9 @@ class Vocabulary:
 
     def piece(self, token: int) -> str:
         """The token's own string, unique per id."""
+        return self._pieces[token] if self._pieces is not None else self._piece(token)
+
+    def _piece(self, token: int) -> str:
         if not self.text:
             return f"token_id:{token}"
         return chr(token) if token < 0x80 else f"bytes:\\x{token:02x}"

@@ -36,15 +36,16 @@ class _Logprobs:
         self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
 
     def add(self, vocab: Vocabulary, entries: list[TokenLogprob | None], ids: list[int], offsets: list[int]) -> None:
-        for token, entry, offset in zip(ids, entries, offsets):
-            self.tokens.append(vocab.piece(token))
-            self.text_offset.append(offset)
+        piece = vocab.piece
+        self.tokens += [piece(t) for t in ids]
+        self.text_offset += offsets
+        for entry in entries:
             if entry is None:  # the prompt's first token: nothing before it to score it
                 self.token_logprobs.append(None)
                 self.top_logprobs.append(None)
                 continue
-            top = {vocab.piece(t): _value(v) for t, v in entry.top}
-            top.setdefault(vocab.piece(entry.token), _value(entry.logprob))
+            top = {piece(t): (v if v > FLOOR else FLOOR) for t, v in entry.top}
+            top.setdefault(piece(entry.token), _value(entry.logprob))
             self.token_logprobs.append(_value(entry.logprob))
             self.top_logprobs.append(top)
 
