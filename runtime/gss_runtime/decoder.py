@@ -91,30 +91,25 @@ class DecoderState:
         """Bytes of the buffers, spare capacity included: what the state holds in memory."""
         return sum(a.nbytes for a in self.slots.arrays)
 
-    @property
-    def capacity(self) -> int:
-        """Slots the buffers hold before a feed must grow (copy) them."""
-        return self.slots.arrays[0].shape[0]
-
-    def rows(self, keep: np.ndarray, capacity: int = 0) -> "DecoderState":
+    def rows(self, keep: np.ndarray) -> "DecoderState":
         """The state of rows `keep` (indices, repeats allowed: a row forked) only, in new buffers.
 
         Slots that are padding for every kept row are dropped (one is kept: the graph needs a past),
         so a batch whose long rows have left steps at the cost of the rows it still holds.
         """
-        return self.repack(keep, capacity=capacity)
+        return self.repack(keep)
 
-    def join(self, other: "DecoderState", capacity: int = 0) -> "DecoderState":
+    def join(self, other: "DecoderState") -> "DecoderState":
         """This state's rows, then `other`'s, in one batch (new buffers).
 
         Both are right-aligned on the longer one's slots, the shorter's rows gaining leading padding
         slots (zeros: masked, so they must at least be finite), so every row appends at the same slot.
         """
-        return self.repack(np.arange(len(self.pad)), other, capacity)
+        return self.repack(np.arange(len(self.pad)), other)
 
-    def repack(self, keep, other: "DecoderState | None" = None, capacity: int = 0, consume: bool = False) -> "DecoderState":
-        """Rows `keep` of this state, then every row of `other`, right-aligned in new buffers of at least
-        `capacity` slots (so that feeds up to it append without growing them).
+    def repack(self, keep, other: "DecoderState | None" = None, spare: int = 0, consume: bool = False) -> "DecoderState":
+        """Rows `keep` of this state, then every row of `other`, right-aligned in new buffers with `spare`
+        slots past the filled ones (so that feeds of up to `spare` tokens append without growing them).
 
         consume=True releases each of the old per-layer buffers as soon as it is copied, so the transient
         is one layer's buffers instead of a second whole state; neither old state may be used afterwards.
@@ -129,7 +124,7 @@ class DecoderState:
         arrays = []
         for i in range(len(mine)):
             # uninitialised past `length` (feeds write those slots); the leading padding slots are zeros
-            joined = np.empty((max(length, capacity), total, mine[i].shape[2]), np.float32)
+            joined = np.empty((length + spare, total, mine[i].shape[2]), np.float32)
             joined[: length - mine_length, : len(keep)] = 0
             for j, row in enumerate(keep):  # row by row: no temporary copy of the whole state
                 joined[length - mine_length : length, j] = mine[i][drop : self.length, row]
@@ -162,21 +157,22 @@ class RecurrentState:
 
     held_bytes = nbytes
 
-    def rows(self, keep: np.ndarray, capacity: int = 0) -> "RecurrentState":
-        """Rows `keep` (indices, repeats allowed: a row forked); capacity is for DecoderState's interface."""
+    def rows(self, keep: np.ndarray) -> "RecurrentState":
+        """Rows `keep` (indices, repeats allowed: a row forked)."""
         return self.repack(keep)
 
-    def join(self, other: "RecurrentState", capacity: int = 0) -> "RecurrentState":
+    def join(self, other: "RecurrentState") -> "RecurrentState":
         """This state's rows, then `other`'s, in one batch: fixed-shape states simply stack."""
         return self.repack(np.arange(len(self.tokens)), other)
 
-    def repack(self, keep, other: "RecurrentState | None" = None, capacity: int = 0, consume: bool = False) -> "RecurrentState":
-        """Rows `keep` of this state, then every row of `other`, in new arrays (consume: as DecoderState.repack)."""
+    def repack(self, keep, other: "RecurrentState | None" = None, spare: int = 0, consume: bool = False) -> "RecurrentState":
+        """Rows `keep` of this state, then every row of `other`, in new arrays (spare: for DecoderState's
+        interface, a fixed state never grows; consume: as DecoderState.repack)."""
         keep = np.asarray(keep, np.int64)
         arrays = []
         for i, mine in enumerate(self.arrays):
-            parts = [mine[keep]] + ([other.arrays[i]] if other is not None else [])
-            arrays.append(np.ascontiguousarray(np.concatenate(parts)) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
+            kept = mine[keep]  # a new array already
+            arrays.append(kept if other is None else np.concatenate([kept, other.arrays[i]]))
             if consume:
                 self.arrays[i] = None
                 if other is not None:

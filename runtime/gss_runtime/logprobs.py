@@ -22,14 +22,6 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...] = ()
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(..., vocab) float32 -> (..., vocab) float64 log-probabilities."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
-
-
 def token_logprobs(logits: np.ndarray, tokens, top: int = 0) -> list[TokenLogprob]:
     """logits (n, vocab) and the token at each of the n positions -> n TokenLogprobs.
 

@@ -158,8 +158,12 @@ class Engine:
         """Bytes of state `rows` samples of `completion` can grow to, alone in a batch."""
         if completion.max_tokens == 0:
             return 0
-        slots = len(completion.prompt) + 1 + lifetime_feeds(len(completion.prompt), completion.max_tokens, self.limit)
-        return self.cost.bytes(rows, slots)
+        length, feeds = self._extent(completion)
+        return self.cost.bytes(rows, length + feeds)
+
+    def _extent(self, c: Completion) -> tuple[int, int]:
+        """A request's prefilled state alone: (slots, tokens it still feeds after its prompt)."""
+        return len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
 
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue `requests` together, or none of them: Overloaded when they do not fit in the queue,
@@ -221,11 +225,8 @@ class Engine:
         return self.state_bytes[1]
 
     def _account(self) -> None:
-        self.state_bytes = (sum(self._batch_bytes(len(b.rows), b.reach()) for b in self._batches),
+        self.state_bytes = (sum(self.cost.bytes(len(b.rows), b.reach()) for b in self._batches),
                             sum(b.state.held_bytes + self.cost.work_bytes * len(b.rows) for b in self._batches))
-
-    def _batch_bytes(self, rows: int, reach: int) -> int:
-        return self.cost.bytes(rows, reach)
 
     def _admit(self) -> dict | None:
         """Waiting units placed in batches: {batch index, or a new key: [units]} (blocks while there is
@@ -242,7 +243,7 @@ class Engine:
                 return None
             # what each batch would look like: [rows, length, most feeds left]; new batches appended
             plans = [[len(b.rows), _slots(b.state), max((r.feeds for r in b.rows), default=0)] for b in self._batches]
-            reserved = sum(self._batch_bytes(n, length + feeds) for n, length, feeds in plans)
+            reserved = sum(self.cost.bytes(n, length + feeds) for n, length, feeds in plans)
             rows, placed, blocked = self.running, {}, False
             longest: dict[int, int] = {}  # per prefill call (target batch): its longest prompt, which pads the others
             soonest = min((r.progress.max_new_tokens - r.progress.sampled for b in self._batches for r in b.rows), default=0)
@@ -279,20 +280,20 @@ class Engine:
         """The plan index (len(plans): a new batch) where k rows of `c` add the least state, and that cost."""
         if c.max_tokens == 0:
             return -1, 0  # scored only: no row
-        length, feeds = len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
+        length, feeds = self._extent(c)
         best = None
         for i, (n, plan_length, plan_feeds) in enumerate(plans):
-            grown = self._batch_bytes(n + k, max(plan_length, length) + max(plan_feeds, feeds))
-            cost = grown - self._batch_bytes(n, plan_length + plan_feeds)
+            grown = self.cost.bytes(n + k, max(plan_length, length) + max(plan_feeds, feeds))
+            cost = grown - self.cost.bytes(n, plan_length + plan_feeds)
             if best is None or cost < best[1]:
                 best = (i, cost)
-        alone = self._batch_bytes(k, length + feeds)
+        alone = self.cost.bytes(k, length + feeds)
         if len(plans) < self.max_batches and (best is None or alone < NEW_BATCH_SHARE * best[1]):
             return len(plans), alone
         return best
 
     def _apply(self, plans: list, target: int, c: Completion, k: int) -> None:
-        length, feeds = len(c.prompt) + 1, lifetime_feeds(len(c.prompt), c.max_tokens, self.limit)
+        length, feeds = self._extent(c)
         if target == len(plans):
             plans.append([k, length, feeds])
         else:
@@ -327,15 +328,13 @@ class Engine:
         new_logits = last[fork]
         with self._wake:
             if target == -1 or target >= len(self._batches):
-                capacity = 0
-                if isinstance(state, DecoderState):  # the forked rows' slots (leading padding dropped), then their feeds
-                    capacity = state.length - int(state.pad[fork].min()) + 1 + max(r.feeds for r in rows)
-                self._batches.append(_Batch(rows, state.repack(np.array(fork), capacity=capacity, consume=True), new_logits))
+                spare = max(r.feeds for r in rows)
+                self._batches.append(_Batch(rows, state.repack(np.array(fork), spare=spare, consume=True), new_logits))
             else:
                 batch = self._batches[target]
                 forked = state.repack(np.array(fork), consume=True)
-                capacity = max(_slots(batch.state), _slots(forked)) + max(r.feeds for r in batch.rows + rows)
-                batch.state = batch.state.repack(np.arange(len(batch.rows)), forked, capacity, consume=True)
+                spare = max(r.feeds for r in batch.rows + rows)
+                batch.state = batch.state.repack(np.arange(len(batch.rows)), forked, spare, consume=True)
                 batch.rows += rows
                 batch.logits = np.concatenate([batch.logits, new_logits])
 
@@ -377,10 +376,7 @@ class Engine:
             with self._wake:
                 batch.rows = [batch.rows[i] for i in keep]
                 batch.logits = batch.logits[keep]
-                capacity = 0
-                if isinstance(batch.state, DecoderState):  # the slots the kept rows need, leading padding dropped
-                    capacity = batch.state.length - int(batch.state.pad[keep].min()) + 1 + max(r.feeds for r in batch.rows)
-                batch.state = batch.state.repack(np.array(keep), capacity=capacity, consume=True)
+                batch.state = batch.state.repack(np.array(keep), spare=max(r.feeds for r in batch.rows), consume=True)
         batch.logits, batch.state = self.decoder.step(np.array(tokens, np.int64), batch.state)
         for row in batch.rows:
             row.feeds -= 1
