@@ -61,13 +61,15 @@ def export(family: str, folder: Path, max_seq_len: int) -> Path:
     return folder
 
 
-def start_server(folder: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, threads: int, max_batch: int, *options: str, ready_within: float = 60.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """A `gss-serve` on a free loopback port with `options` besides these; (its process, its URL) once healthy."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("gss-serve")), str(folder), "--port", str(port), "--threads", str(threads),
-               "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning"]
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning", *options]
     proc = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(int(ready_within * 10)):
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url

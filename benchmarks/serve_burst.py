@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,9 @@ from common import REFERENCE, cpu_name
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from serve_support import free_port  # noqa: E402
+from serve import start_server  # noqa: E402
+from serve_support import parse_metrics  # noqa: E402
+from serve_support import process_memory as memory  # noqa: E402
 
 MiB = 2**20
 LARGE_STATE = dict(num_tokens=256, dim=64, depth=4, heads=4, dim_dsconv=2048, dim_expansion_factor=2)
@@ -68,44 +69,6 @@ def export(config: dict, folder: Path, max_seq_len: int) -> Path:
 
 def slot_bytes(config: dict) -> int:
     return 4 * config["depth"] * (config["dim_dsconv"] + config["heads"])
-
-
-def memory(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def start_server(folder: Path, threads: int, max_batch: int, state_memory: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("gss-serve")), str(folder), "--port", str(port), "--threads", str(threads),
-               "--max-batch", str(max_batch), "--max-queue", "1024", "--state-memory", state_memory, "--log-level", "warning"]
-    proc = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"gss-serve exited with {proc.returncode}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("gss-serve did not become healthy")
-
-
-def gauges(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("gss_state_") or line.startswith("gss_num_requests_"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 async def burst(url: str, pid: int, prompts: list[list[int]], max_tokens: int, short: list[int]) -> dict:
@@ -143,7 +106,7 @@ async def burst(url: str, pid: int, prompts: list[list[int]], max_tokens: int, s
         async def sample():
             while not done.is_set():
                 async with http.get(f"{url}/metrics") as reply:
-                    samples.append({**gauges(await reply.text()), "rss": memory(pid)["VmRSS"]})
+                    samples.append({**parse_metrics(await reply.text()), "rss": memory(pid)["VmRSS"]})
                 await asyncio.sleep(0.05)
 
         sampler = asyncio.create_task(sample())
@@ -158,7 +121,7 @@ async def burst(url: str, pid: int, prompts: list[list[int]], max_tokens: int, s
 
 
 def run(folder: Path, state_memory: str, args, prompts, short) -> dict:
-    proc, url = start_server(folder, args.threads, len(prompts), state_memory)
+    proc, url = start_server(folder, args.threads, len(prompts), "--state-memory", state_memory, ready_within=120)
     try:
         longest = max(len(p) for p in prompts)
         for seed in (1, 2):  # warm: the first runs, and the arena's growth for a prefill of the longest prompt

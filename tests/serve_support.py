@@ -71,12 +71,27 @@ def metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float]
     """/metrics parsed as Prometheus text: sample name (with labels, if any) -> value. headers: an API key's."""
     reply = httpx.get(f"{url}/metrics", timeout=10, headers=headers)
     reply.raise_for_status()
-    text = reply.text
+    return parse_metrics(reply.text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: sample name (with labels, if any) -> value."""
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """A process's VmHWM (peak resident) and VmRSS, in bytes, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
     return out
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from serve_support import live_server, metrics
+from serve_support import process_memory as memory
 
 MiB = 2**20
 
@@ -127,17 +128,6 @@ def work(exports) -> dict[str, int]:
         done = subprocess.run([sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         out[family] = int(done.stdout.split()[-1])
-    return out
-
-
-def memory(pid: int) -> dict[str, int]:
-    """The process's VmHWM (peak resident) and VmRSS, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) * 1024
     return out
 
 
