@@ -90,6 +90,7 @@ def export(
     min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="fp16/int8: least top-1 agreement with float32 eager on held-out text (default 0.99 / 0.95)"),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8: largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.02)"),
     heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8: text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="a Hugging Face tokenizer.json, or the folder holding it with tokenizer_config.json and special_tokens_map.json: copied into the export, so every runtime takes and gives text"),
     heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
 ) -> None:
     """Export a gated-state-spaces LM checkpoint to ONNX, TorchScript, torch.export or AOTInductor, dynamic in batch and length, validated against eager PyTorch."""
@@ -105,7 +106,7 @@ def export(
 
 def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol, atol, batch_sizes, lengths, external_data,
             decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl,
-            heldout_text, heldout_length, written) -> None:
+            heldout_text, heldout_length, tokenizer, written) -> None:
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -151,7 +152,7 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
                 loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
                 tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
                 external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
-                variant=variant, on_progress=on_progress,
+                variant=variant, on_progress=on_progress, tokenizer=tokenizer,
             )
             written.append(True)
         except ValidationFailed as e:

@@ -4,13 +4,14 @@ The library returns values and raises `GSSExportError`s; it prints nothing (the 
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import DEFAULT_OPSET
 from .artifacts import CONFIG_NAME, staged_output, write_json
-from .errors import ValidationFailed
+from .errors import GSSExportError, ValidationFailed
 from .families import GatedLM, family_of
 from .targets import FORMATS, TARGETS
 from .targets.onnx import INPUTS, outputs_spec
@@ -49,14 +50,19 @@ def export_model(
     variant: VariantRequest | None = None,
     source: dict | None = None,
     on_progress: StageProgress | None = None,
+    tokenizer: str | Path | None = None,
 ) -> ExportResult:
     """Export `model` as `fmt` into `out_dir`; raises ValidationFailed (with `.report`) on a mismatch.
 
     ONNX also writes the decoder with state (`decoder.onnx`) unless `decoder=False`.
     Nothing in `out_dir` changes unless the export and its validation both succeed.
     `variant` (ONNX only) writes fp16 or int8 files instead, checked on held-out text (quality reports).
+    `tokenizer`: a Hugging Face tokenizer.json, or a folder holding it with tokenizer_config.json and
+    special_tokens_map.json: copied beside the model and recorded in config.json (refused when its
+    vocabulary does not fit num_tokens).
     """
     progress = on_progress or (lambda *_: None)
+    tokenizer_files = _tokenizer(tokenizer, model.config.num_tokens) if tokenizer is not None else None
     if variant is not None:
         variant.prepare(fmt, model, validate)  # bad requests fail before anything is built
     tolerance = tolerance or tolerance_for(fmt)
@@ -92,8 +98,12 @@ def export_model(
                         f"{Path(checked.artifact).name} disagrees with eager PyTorch in {len(checked.failures)} check(s); "
                         f"nothing was written to {out_dir}", report=checked,
                     )
+        if tokenizer_files is not None:
+            for name, path in tokenizer_files.files.items():
+                shutil.copyfile(path, staging / name)
         write_json(staging / CONFIG_NAME, {
             **metadata,
+            "tokenizer": tokenizer_files.record() if tokenizer_files is not None else None,
             "export": settings,
             "source": source or {},
             "validation": report.to_dict() if report else None,
@@ -102,3 +112,15 @@ def export_model(
         files = sorted(p.name for p in staging.iterdir())
         progress("publish", 0, 1, f"writing {out_dir}")
     return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report, decoder_report=decoder_report)
+
+
+def _tokenizer(path: str | Path, num_tokens: int):
+    """The tokenizer files, read and checked against the model before anything is built."""
+    from gss_runtime.tokenizer import TokenizerError, read_tokenizer
+
+    try:
+        files = read_tokenizer(path)
+        files.check_fits(num_tokens)
+    except TokenizerError as e:
+        raise GSSExportError(str(e)) from None
+    return files

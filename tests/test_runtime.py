@@ -298,7 +298,7 @@ def test_byte_text(capsys):
     from gss_runtime.cli import _print_table, byte_text
 
     assert [byte_text(b) for b in (65, 32, 10, 0, 92, 200)] == ["A", " ", "\\n", "\\x00", "\\\\", "\\xc8"]
-    _print_table([(91, 0.5), (93, 0.25)], True, "t")  # "[" and "]" are rich markup if passed as str
+    _print_table([(91, 0.5), (93, 0.25)], ("byte", lambda t: f"'{byte_text(t)}'"), "t")  # "[" and "]" are rich markup if passed as str
     out = capsys.readouterr().out
     assert "'['" in out and "']'" in out
 

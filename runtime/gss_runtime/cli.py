@@ -6,7 +6,6 @@ Its arguments are parsed by the standard library's argparse and its output is pl
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import math
 import sys
@@ -16,8 +15,10 @@ from typing import Optional
 
 from .cli_support import Interrupted, guarded
 from .errors import RuntimeInputError
-from .generate import Generator, Sampling
+from .generate import Generation, Generator, Sampling
 from .runner import GSSRunner, check_ids
+from .tokenizer import vocabulary_for
+from .vocabulary import NoTextMapping, Vocabulary
 
 BYTE_VOCAB = 256
 
@@ -30,11 +31,15 @@ def byte_text(token: int) -> str:
     return repr(bytes([token]))[2:-1]
 
 
-def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str], what: str = "the prompt") -> list[int]:
-    """Exactly one of --prompt (text -> its UTF-8 bytes) or --prompt-ids ("1,2,3") -> token ids."""
+def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str], what: str = "the prompt",
+                 vocab: Vocabulary | None = None) -> list[int]:
+    """Exactly one of --prompt (text -> ids through `vocab`: UTF-8 bytes when it is None or byte-level,
+    else the model's tokenizer) or --prompt-ids ("1,2,3") -> token ids."""
     if (prompt is None) == (prompt_ids is None):
         raise RuntimeInputError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if prompt is not None:
+    if prompt is not None and vocab is not None and vocab.kind != "bytes":
+        ids = _encode(vocab, prompt, "--prompt")
+    elif prompt is not None:
         # surrogateescape: bytes of the command line that are not UTF-8 come back as they were given
         ids = list(prompt.encode("utf-8", errors="surrogateescape"))
     else:
@@ -47,24 +52,30 @@ def parse_prompt(prompt: Optional[str], prompt_ids: Optional[str], what: str = "
     return ids
 
 
-def load(model: Path, provider: str, threads: Optional[int], text_prompt: bool) -> GSSRunner:
-    """The full-sequence runner, refusing a text prompt for a model whose tokens are not bytes."""
-    runner = GSSRunner(model, provider=provider, threads=threads)
-    _check_text_prompt(runner.config["num_tokens"], text_prompt)
-    return runner
+def _encode(vocab: Vocabulary, text: str, flag: str) -> list[int]:
+    try:
+        return vocab.encode(text)
+    except NoTextMapping as e:
+        raise RuntimeInputError(f"{flag} takes text, but {e} (export it with gss-export --tokenizer to give it one); "
+                                "use --prompt-ids") from None
 
 
-def _stop_sequences(stops: list[str], byte_level: bool) -> list[list[int]]:
-    """--stop values: text (byte-level models) or comma-separated ids (`ids:1,2`)."""
-    out = []
+def _stops(stops: list[str], vocab: Vocabulary) -> tuple[list[list[int]], list[str]]:
+    """--stop values -> (id sequences, stop strings): `ids:1,2` is ids; text is bytes for a byte-level
+    model (exact), and a stop string matched in the decoded text for a model with a tokenizer (its
+    tokens need not line up with the string's)."""
+    ids, texts = [], []
     for stop in stops:
         if stop.startswith("ids:"):
-            out.append(parse_prompt(None, stop[4:], f"--stop {stop!r}"))
-        elif byte_level:
-            out.append(list(stop.encode("utf-8", errors="surrogateescape")))
+            ids.append(parse_prompt(None, stop[4:], f"--stop {stop!r}"))
+        elif vocab.kind == "bytes":
+            ids.append(list(stop.encode("utf-8", errors="surrogateescape")))
+        elif vocab.text:
+            texts.append(stop)
         else:
-            raise RuntimeInputError(f"--stop {stop!r}: text stop sequences need a byte-level model; give ids as ids:1,2")
-    return out
+            raise RuntimeInputError(f"--stop {stop!r}: this model has no text (num_tokens {vocab.size}, no tokenizer); "
+                                    "give ids as ids:1,2")
+    return ids, texts
 
 
 def _count(minimum: int):
@@ -103,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
         prog="gss-run", description="Generate from a prompt with the decoder with state (one position per token), "
         "or show next-token odds.")
     p.add_argument("model", type=Path, help="folder written by gss-export (model.onnx, decoder.onnx, prefill.onnx, config.json)")
-    p.add_argument("--prompt", metavar="TEXT", help="text, fed as UTF-8 bytes (byte-level models, num_tokens 256)")
+    p.add_argument("--prompt", metavar="TEXT", help="text: through the export's tokenizer, or as UTF-8 bytes for a byte-level model")
     p.add_argument("--prompt-ids", metavar="IDS", help="token ids, comma-separated, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", metavar="N", type=_count(0), default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", metavar="T", type=_non_negative, default=0.0, help="0 is greedy (default)")
@@ -111,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-thres", metavar="THRES", type=_number, help="upstream's top-k: k = int((1 - thres) * vocab)")
     p.add_argument("--top-p", metavar="P", type=_number, help="sample among the most likely tokens holding this much probability")
     p.add_argument("--seed", metavar="S", type=_count(0), help="makes sampling reproducible")
-    p.add_argument("--eos-id", metavar="ID", type=_count(0), help="stop when this token is generated (not printed)")
+    p.add_argument("--eos-id", metavar="ID", type=_count(0), help="stop when this token is generated (not printed); "
+                   "default: the tokenizer's end-of-text token, if the export has a tokenizer")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--stop", metavar="TEXT", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
     p.add_argument("--on-limit", metavar="stop|slide", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
     p.add_argument("--next", dest="next_tokens", metavar="N", type=_count(1), help="instead of generating, show the N most likely next tokens")
@@ -132,6 +145,7 @@ def run(
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
     eos_id: Optional[int] = None,
+    ignore_eos: bool = False,
     stop: tuple[str, ...] = (),
     on_limit: str = "stop",
     next_tokens: Optional[int] = None,
@@ -140,12 +154,15 @@ def run(
     json_output: bool = False,
 ) -> None:
     """Generate from a prompt with the decoder with state (one position per token), or show next-token odds."""
-    ids = parse_prompt(prompt, prompt_ids)  # before loading the model: fails fast on a typo
+    if prompt_ids is not None or prompt is None:
+        parse_prompt(prompt, prompt_ids)  # before loading the model: fails fast on a typo
+    if eos_id is not None and ignore_eos:
+        raise RuntimeInputError("give --eos-id or --ignore-eos, not both")
     if next_tokens is not None:
-        return _show_next(model, ids, next_tokens, provider, threads, prompt is not None, json_output)
+        return _show_next(model, prompt, prompt_ids, next_tokens, provider, threads, json_output)
     generator = Generator(model, provider=provider, threads=threads)
-    _check_text_prompt(generator.config["num_tokens"], prompt is not None)
-    byte_level = generator.config["num_tokens"] == BYTE_VOCAB
+    vocab = generator.vocabulary
+    ids = parse_prompt(prompt, prompt_ids, vocab=vocab)
     # every check before anything is printed (the generator checks its options only once it starts)
     generator.decoder.check_prompt(ids)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, filter_thres=filter_thres)
@@ -154,85 +171,91 @@ def run(
         raise RuntimeInputError(f"eos id {eos_id} is out of range [0, {generator.config['num_tokens']})")
     if on_limit not in ("stop", "slide"):
         raise RuntimeInputError(f"on_limit must be 'stop' or 'slide', got {on_limit!r}")
-    options = dict(sampling=sampling, seed=seed, eos_id=eos_id, stop_sequences=_stop_sequences(stop, byte_level), on_limit=on_limit)
+    stop_ids, stop_texts = _stops(list(stop), vocab)
+    # the end-of-text token: --eos-id, else the tokenizer's (if the export has one)
+    eos = None if ignore_eos else eos_id if eos_id is not None else generator.eos_id
+    options = dict(sampling=sampling, seed=seed, eos_id=eos, stop_sequences=stop_ids, on_limit=on_limit)
+    outcome: list = []
+    pieces = generator.stream_text(ids, max_new_tokens, stop=stop_texts, outcome=outcome, **options) if vocab.text \
+        else _id_pieces(generator, ids, max_new_tokens, outcome, options)
     if json_output:
-        result = generator.generate(ids, max_new_tokens, **options)
-        made = result.tokens[0]
+        text = "".join(pieces)
+        made, reason, result = outcome
         print(json.dumps({
             "family": generator.config["family"],
             "prompt_ids": ids,
             "tokens": made,
-            "text": bytes(made).decode("utf-8", errors="replace") if byte_level else None,
-            "stop_reason": result.stop_reasons[0],
+            "text": text if vocab.text else None,
+            "stop_reason": reason,
             "provider": generator.decoder.providers[0],
             "timings": {
                 "prefill_seconds": round(result.prefill_seconds, 6),
                 "decode_seconds": round(result.decode_seconds, 6),
-                "tokens_per_second": round(result.tokens_per_second, 2) if made else None,
+                "tokens_per_second": round(result.tokens_per_second, 2) if result.decode_seconds > 0 else None,
             },
             "state_bytes": result.state_bytes,
         }))
         return
-    # stream: bytes become text as soon as they form whole UTF-8 characters; invalid ones become U+FFFD
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(bytes(ids).decode("utf-8", errors="replace") if byte_level else " ".join(map(str, ids)))
+    # stream: text as soon as it is final (whole characters, past any stop string it may start)
+    sys.stdout.write(prompt if prompt is not None else " ".join(map(str, ids)))
     sys.stdout.flush()
-
-    made = []
-
-    def show(_row: int, token: int) -> None:
-        made.append(token)
-        sys.stdout.write(decoder.decode(bytes([token])) if byte_level else f" {token}")
-        sys.stdout.flush()
-
     try:
-        result = generator.generate(ids, max_new_tokens, on_token=show, **options)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     except Interrupted as e:  # end the line of text, then say how far it got
+        pieces.close()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        raise Interrupted(e.signum, f"interrupted by {e.signal_name} after {len(made)} tokens") from None
-    sys.stdout.write((decoder.decode(b"", final=True) if byte_level else "") + "\n")
-    sys.stderr.write(
-        f"{len(result.tokens[0])} tokens, stopped by {result.stop_reasons[0]}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
-        f"{result.tokens_per_second:.1f} tokens/s, {generator.decoder.providers[0]}\n"
-    )
+        raise Interrupted(e.signum, f"interrupted by {e.signal_name} after {len(outcome[0]) if outcome else 0} tokens") from None
+    sys.stdout.write("\n")
+    made, reason, result = outcome
+    sys.stderr.write(f"{len(made)} tokens, stopped by {reason}; prefill {result.prefill_seconds * 1e3:.1f} ms, "
+                     f"{result.tokens_per_second:.1f} tokens/s, {generator.decoder.providers[0]}\n")
 
 
-def _check_text_prompt(num_tokens: int, text_prompt: bool) -> None:
-    if text_prompt and num_tokens != BYTE_VOCAB:
-        raise RuntimeInputError(
-            f"--prompt encodes text as UTF-8 bytes, which needs a byte-level model (num_tokens {BYTE_VOCAB}); "
-            f"this model has num_tokens {num_tokens}: use --prompt-ids"
-        )
+def _id_pieces(generator: Generator, ids: list[int], max_new_tokens: int, outcome: list, options: dict):
+    """An ids-only model's output as text pieces (' 12 7 301'); `outcome` as Generator.stream_text fills it."""
+    result = Generation([[]], [""])
+    try:
+        for _, token in generator.stream(ids, max_new_tokens, result=result, **options):
+            yield f" {token}"
+    finally:
+        outcome += [result.tokens[0], result.stop_reasons[0], result]
 
 
-def _show_next(model: Path, ids: list[int], top: int, provider: str, threads: Optional[int], text_prompt: bool, json_output: bool) -> None:
+def _show_next(model: Path, prompt: Optional[str], prompt_ids: Optional[str], top: int, provider: str,
+               threads: Optional[int], json_output: bool) -> None:
     """The `top` most likely next tokens after the prompt, from the full-sequence model."""
-    runner = load(model, provider, threads, text_prompt)
+    runner = GSSRunner(model, provider=provider, threads=threads)
+    vocab = vocabulary_for(runner.path.parent, runner.config["num_tokens"])
+    ids = parse_prompt(prompt, prompt_ids, vocab=vocab)
     start = time.perf_counter()
     nxt = runner.next_token_distribution(ids, top=min(top, runner.config["num_tokens"]))
     seconds = time.perf_counter() - start
-    byte_level = runner.config["num_tokens"] == BYTE_VOCAB
+    shown = byte_text if vocab.kind == "bytes" else (lambda t: vocab.decode([t])) if vocab.text else None
     if json_output:
         print(json.dumps({
             "prompt_ids": ids,
-            "next": [{"id": i, "prob": p, "text": byte_text(i) if byte_level else None} for i, p in nxt],
+            "next": [{"id": i, "prob": p, "text": shown(i) if shown else None} for i, p in nxt],
             "provider": runner.providers[0],
             "seconds": round(seconds, 6),
         }))
         return
-    _print_table(nxt, byte_level, f"next token after {len(ids)} prompt tokens")
+    column = None if shown is None else ("byte", lambda t: f"'{byte_text(t)}'") if vocab.kind == "bytes" else ("text", lambda t: repr(shown(t)))
+    _print_table(nxt, column, f"next token after {len(ids)} prompt tokens")
     print(f"{runner.providers[0]}, {seconds * 1000:.1f} ms")
 
 
-def _print_table(nxt: list[tuple[int, float]], byte_level: bool, title: str) -> None:
-    """The next-token table as plain text: a title, the column names, one row per token with cells between │."""
-    header = ["rank", "token id", "probability"] + (["byte"] if byte_level else [])
-    rows = [[str(rank), str(token), f"{prob:.4f}"] + ([f"'{byte_text(token)}'"] if byte_level else [])
+def _print_table(nxt: list[tuple[int, float]], column, title: str) -> None:
+    """The next-token table as plain text: a title, the column names, one row per token with cells between │.
+    column: (name, token -> cell) of the tokens' text, or None for a model without text."""
+    header = ["rank", "token id", "probability"] + ([column[0]] if column else [])
+    rows = [[str(rank), str(token), f"{prob:.4f}"] + ([column[1](token)] if column else [])
             for rank, (token, prob) in enumerate(nxt, 1)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     def line(cells: list[str], sep: str = "│") -> str:  # bytes left-aligned, numbers right-aligned
-        padded = [c.ljust(w) if name == "byte" else c.rjust(w) for c, w, name in zip(cells, widths, header)]
+        padded = [c.ljust(w) if name in ("byte", "text") else c.rjust(w) for c, w, name in zip(cells, widths, header)]
         return f"{sep} " + f" {sep} ".join(padded) + f" {sep}"
 
     print("\n".join([title, line(header, " "), *map(line, rows)]))

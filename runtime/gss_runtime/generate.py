@@ -18,6 +18,11 @@ import numpy as np
 
 from .decoder import Decoder, DecoderState
 from .errors import RuntimeInputError
+from .tokenizer import vocabulary_for
+from .vocabulary import NoTextMapping, StopText
+
+# eos_id's default: the tokenizer's end-of-text token when the export has a tokenizer, else none
+EOS_FROM_TOKENIZER = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,22 @@ def choose(logits: np.ndarray, sampling: Sampling, rngs: Sequence[np.random.Gene
 
 
 @dataclass
+class TextGeneration:
+    """One prompt's generated text (what `stream_text` yielded, joined), its ids and why it stopped."""
+
+    text: str
+    tokens: list[int]
+    stop_reason: str
+    generation: "Generation"  # its timings and state size
+
+
+@dataclass
 class Generation:
     """Generated ids per prompt (prompt excluded), why each stopped, and timings."""
 
     tokens: list[list[int]]
     stop_reasons: list[str]
+    texts: list[str] | None = None  # the tokens' text, for a model with text (a tokenizer, or bytes)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
@@ -92,19 +108,88 @@ class Generation:
 
 
 class Generator:
-    """Greedy or sampled generation from a gss-export folder (needs its `decoder.onnx`)."""
+    """Greedy or sampled generation from a gss-export folder (needs its `decoder.onnx`).
+
+    Prompts are ids, or text for a model with text: its export's tokenizer (`gss-export --tokenizer`),
+    or UTF-8 bytes for a byte-level model. `vocabulary` maps between the two.
+    """
 
     def __init__(self, model, provider: str = "auto", threads: int | None = None):
         self.decoder = Decoder(model, provider=provider, threads=threads)
         self.config = self.decoder.config
+        self.vocabulary = vocabulary_for(self.decoder.path.parent, self.config["num_tokens"])
+        files = getattr(self.vocabulary, "files", None)
+        self.eos_id: int | None = files.eos_token_id if files is not None else None
+
+    def encode(self, prompts) -> list:
+        """Text prompts (a string or a list of strings) -> ids; ids pass through."""
+        if isinstance(prompts, str):
+            return self._encode(prompts)
+        if len(prompts) and all(isinstance(p, str) for p in prompts):
+            return [self._encode(p) for p in prompts]
+        return prompts
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            ids = self.vocabulary.encode(text)
+        except NoTextMapping as e:
+            raise RuntimeInputError(f"{e}; give ids, or export the model with gss-export --tokenizer") from None
+        if not ids:
+            raise RuntimeInputError(f"the prompt {text!r} has no tokens")
+        return ids
 
     def generate(self, prompts, max_new_tokens: int, on_token: Callable[[int, int], None] | None = None, **options) -> Generation:
-        """Run `stream` to the end; `on_token(row, token)` sees each token as it is made."""
+        """Run `stream` to the end; `on_token(row, token)` sees each token as it is made. `texts` holds
+        each row's text when the model has text."""
+        prompts = self.encode(prompts)
         result = Generation([[] for _ in range(_batch(prompts))], [""] * _batch(prompts))
         for row, token in self.stream(prompts, max_new_tokens, result=result, **options):
             if on_token is not None:
                 on_token(row, token)
+        if self.vocabulary.text:
+            result.texts = [self.vocabulary.decode(t) for t in result.tokens]
         return result
+
+    def stream_text(self, prompt: str | Sequence[int], max_new_tokens: int, *, stop: Sequence[str] = (),
+                    outcome: list | None = None, **options) -> Iterator[str]:
+        """One prompt's text as it is made: each piece is final (a character split over tokens, or text a
+        later token may still change, is held back), so the pieces joined equal the ids decoded at once.
+
+        stop: strings that end the text (not included), found in the decoded text whatever the tokens;
+        outcome: if given, gets the generated ids, the stop reason and the `Generation` (timings) appended
+        at the end. `options`: as `stream`.
+        """
+        ids = self.encode(prompt)
+        if not self.vocabulary.text:
+            raise RuntimeInputError(f"this model has no text (num_tokens {self.config['num_tokens']}, no tokenizer): "
+                                    "use stream or generate with ids")
+        result = Generation([[]], [""])
+        tokens = self.stream(ids, max_new_tokens, result=result, **options)
+        text, stopper, reason = self.vocabulary.stream(), StopText(stop), ""
+        try:
+            for _, token in tokens:
+                piece, hit = stopper.add(text.add([token]))
+                if piece:
+                    yield piece
+                if hit:
+                    reason = "stop_sequence"
+                    break
+            else:
+                piece, hit = stopper.add(text.end())
+                piece += "" if hit else stopper.end()
+                reason = "stop_sequence" if hit else result.stop_reasons[0]
+                if piece:
+                    yield piece
+        finally:
+            tokens.close()
+            if outcome is not None:
+                outcome += [result.tokens[0], reason, result]
+
+    def generate_text(self, prompt: str | Sequence[int], max_new_tokens: int, **options) -> TextGeneration:
+        """`stream_text` to the end."""
+        outcome: list = []
+        text = "".join(self.stream_text(prompt, max_new_tokens, outcome=outcome, **options))
+        return TextGeneration(text, *outcome)
 
     def stream(
         self,
@@ -113,15 +198,19 @@ class Generator:
         *,
         sampling: Sampling = Sampling(),
         seed: int | None = None,
-        eos_id: int | None = None,
+        eos_id: int | None | str = EOS_FROM_TOKENIZER,
         stop_sequences: Sequence[Sequence[int]] = (),
         on_limit: str = "stop",
         result: Generation | None = None,
     ) -> Iterator[tuple[int, int]]:
         """Yield (row, token) as tokens are made. prompts: one id sequence or a list of them.
 
-        The options are checked here, when it is called, before anything is computed or yielded.
+        eos_id: the token that ends a row (not yielded); by default the tokenizer's end-of-text token
+        (none without a tokenizer); None: no end token. The options are checked here, when it is
+        called, before anything is computed or yielded.
         """
+        if eos_id == EOS_FROM_TOKENIZER:
+            eos_id = self.eos_id
         batch = [list(prompts)] if _is_single(prompts) else [list(p) for p in prompts]
         vocab = self.config["num_tokens"]
         sampling.check(vocab)

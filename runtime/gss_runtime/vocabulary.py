@@ -29,8 +29,8 @@ class Vocabulary:
         self.kind = "bytes" if self.text else "ids"
         self._pieces = [self._piece(t) for t in range(size)] if self.text else None
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids (its UTF-8 bytes); NoTextMapping for a model without text."""
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Text -> ids (its UTF-8 bytes: bytes have no special tokens to add); NoTextMapping for a model without text."""
         if not self.text:
             raise NoTextMapping(f"this model's tokens are not bytes (num_tokens {self.size}) and it has no "
                                 "tokenizer: it takes and gives token ids only")
@@ -85,3 +85,28 @@ class TextStream:
     def end(self) -> str:
         """What is still held back (an incomplete character, as U+FFFD)."""
         return self.utf8.decode(b"", final=True) if self.utf8 is not None else ""
+
+
+class StopText:
+    """Stop strings found in text as it streams: `add` returns the text safe to show and whether a stop
+    string was reached (the text then ends just before it). Text that may yet become a stop string is
+    held back; `end` gives it up when the text ends another way."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def add(self, text: str) -> tuple[str, bool]:
+        held = self.held + text
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return held[: min(hits)], True
+        # the longest tail that some stop string starts with
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(held)), 0, -1) if held.endswith(s[:k])), default=0)
+        self.held = held[len(held) - keep :]
+        return held[: len(held) - keep], False
+
+    def end(self) -> str:
+        out, self.held = self.held, ""
+        return out
