@@ -61,16 +61,6 @@ export function parsePositiveInt(text, what) {
   return Number(s);
 }
 
-/** Text -> UTF-8 bytes as token ids: only for byte-level models (num_tokens 256). */
-export function textToIds(text, numTokens) {
-  if (numTokens !== 256) {
-    throw new GssInputError(`this model has ${numTokens} tokens, not bytes: enter the prompt as token ids`);
-  }
-  const ids = Array.from(new TextEncoder().encode(text));
-  if (ids.length === 0) throw new GssInputError('the prompt is empty: type some text');
-  return ids;
-}
-
 export class GssDecoder {
   /**
    * Open a model folder's `config.json`, `decoder.onnx` and, where config.json lists it, `prefill.onnx`.
@@ -80,9 +70,9 @@ export class GssDecoder {
    */
   static async open(ort, load, sessionOptions = {}) {
     const configBytes = await loadFile(load, 'config.json');
-    let config, exported;
+    let config, exported, tokenizer;
     try {
-      ({ model: config, export: exported } = JSON.parse(new TextDecoder().decode(configBytes)));
+      ({ model: config, export: exported, tokenizer } = JSON.parse(new TextDecoder().decode(configBytes)));
     } catch (e) {
       throw new GssInputError(`config.json is not valid JSON: ${e.message}`);
     }
@@ -99,7 +89,9 @@ export class GssDecoder {
     const session = await openSession(ort, load, 'decoder.onnx', sessionOptions);
     const prefillFile = exported?.prefill?.file;
     const prefill = prefillFile ? await openSession(ort, load, prefillFile, sessionOptions) : null;
-    return new GssDecoder(ort, session, model, prefill, exported);
+    const decoder = new GssDecoder(ort, session, model, prefill, exported);
+    decoder.tokenizer = tokenizer ?? null; // config.json's record of the export's tokenizer (gss_text.mjs reads it)
+    return decoder;
   }
 
   /** config: config.json's "model"; exported: its "export" (the state's kind, names and shapes, the prefill threshold). */
@@ -109,6 +101,7 @@ export class GssDecoder {
     this.prefill = prefill;
     this.config = { family: 'dsconv', ...config };
     this.family = this.config.family;
+    this.tokenizer = null;
     ({ kind: this.kind, pastNames: this.pastNames, newNames: this.newNames, shapes: this.shapes } = stateSpec(
       this.config,
       exported?.decoder,
@@ -147,9 +140,15 @@ export class GssDecoder {
     }
   }
 
-  /** Greedy ids after promptIds (prompt excluded); `await onToken(id, index)` sees each as it is made. */
-  async generate(promptIds, maxNewTokens, onToken = null) {
+  /**
+   * Greedy ids after promptIds (prompt excluded); `await onToken(id, index)` sees each as it is made. Stops
+   * after maxNewTokens, or at eosId (not returned, not seen by onToken); stopReason then says "eos" or "max_new_tokens" (gss-run's names).
+   */
+  async generate(promptIds, maxNewTokens, onToken = null, { eosId = null } = {}) {
     this.check(promptIds, maxNewTokens);
+    if (eosId !== null && !(Number.isInteger(eosId) && eosId >= 0 && eosId < this.config.num_tokens)) {
+      throw new GssInputError(`eos id ${eosId} is not a token id in [0, ${this.config.num_tokens})`);
+    }
     const state = this.#emptyState(promptIds.length + maxNewTokens);
     const whole = this.prefill !== null && promptIds.length > this.prefillAbove;
     this.promptPath = whole ? 'prefill' : 'step';
@@ -162,9 +161,16 @@ export class GssDecoder {
     const tokens = [];
     for (;;) {
       const token = argmax(logits);
+      if (token === eosId) {
+        this.stopReason = 'eos';
+        return tokens;
+      }
       tokens.push(token);
       if (onToken) await onToken(token, tokens.length - 1);
-      if (tokens.length === maxNewTokens) return tokens;
+      if (tokens.length === maxNewTokens) {
+        this.stopReason = 'max_new_tokens';
+        return tokens;
+      }
       logits = await this.#feed([token], state);
     }
   }

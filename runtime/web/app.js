@@ -1,8 +1,11 @@
 // The page's logic: open the model folder, turn the prompt into ids, stream greedy tokens into the page.
-// onnxruntime-web's WebAssembly backend, single-threaded (no cross-origin isolation needed), files served
-// from this package's node_modules: nothing is fetched from the internet.
+// onnxruntime-web's WebAssembly backend, single-threaded (no cross-origin isolation needed), and the export's
+// Hugging Face tokenizer (if it has one) through @huggingface/tokenizers; files served from this package's
+// node_modules: nothing is fetched from the internet.
 import * as ort from './node_modules/onnxruntime-web/dist/ort.wasm.min.mjs';
-import { GssDecoder, GssInputError, parseIds, parsePositiveInt, textToIds } from '../js/gss_decoder.mjs';
+import { Tokenizer } from './node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs';
+import { GssDecoder, GssInputError, parseIds, parsePositiveInt } from '../js/gss_decoder.mjs';
+import { eosFor, openVocabulary } from '../js/gss_text.mjs';
 
 ort.env.wasm.wasmPaths = new URL('./node_modules/onnxruntime-web/dist/', import.meta.url).href;
 ort.env.wasm.numThreads = 1; // more threads need SharedArrayBuffer (COOP/COEP headers); ort warns otherwise
@@ -13,7 +16,8 @@ const fields = { model: $('model'), prompt: $('prompt'), asIds: $('as-ids'), max
 const query = new URLSearchParams(location.search);
 if (query.has('model')) fields.model.value = query.get('model');
 
-let opened = { url: null, decoder: null }; // the last model folder opened, reused while the URL stays the same
+// the last model folder opened (its decoder and vocabulary), reused while the URL stays the same
+let opened = { url: null, decoder: null, vocab: null };
 
 async function openModel(value) {
   const base = new URL(value.trim().endsWith('/') ? value.trim() : `${value.trim()}/`, location.href);
@@ -23,10 +27,11 @@ async function openModel(value) {
       if (!response.ok) throw new GssInputError(`cannot load ${name} from ${base.href}: HTTP ${response.status} ${response.statusText}`);
       return new Uint8Array(await response.arrayBuffer());
     };
-    opened = { url: null, decoder: null };
-    opened = { url: base.href, decoder: await GssDecoder.open(ort, load, { executionProviders: ['wasm'] }) };
+    opened = { url: null, decoder: null, vocab: null };
+    const decoder = await GssDecoder.open(ort, load, { executionProviders: ['wasm'] });
+    opened = { url: base.href, decoder, vocab: await openVocabulary(decoder, load, Tokenizer) };
   }
-  return opened.decoder;
+  return opened;
 }
 
 function setState(state, message) {
@@ -42,32 +47,35 @@ async function generate() {
   $('generate').disabled = true;
   setState('running', 'Loading the model...');
   try {
-    const decoder = await openModel(fields.model.value);
-    const vocab = decoder.config.num_tokens;
-    const promptIds = fields.asIds.checked ? parseIds(fields.prompt.value, vocab) : textToIds(fields.prompt.value, vocab);
+    const { decoder, vocab } = await openModel(fields.model.value);
+    document.body.dataset.vocabulary = vocab.kind; // "tokenizer", "bytes" or "ids"
+    // text through the export's tokenizer, or as UTF-8 bytes for a byte-level model; ids-only models refuse it
+    const promptIds = fields.asIds.checked ? parseIds(fields.prompt.value, decoder.config.num_tokens) : vocab.encode(fields.prompt.value);
     const maxNew = parsePositiveInt(fields.maxNew.value, 'max new tokens');
     decoder.check(promptIds, maxNew);
-    // byte-level models show text (UTF-8 decoded as bytes stream in), others show ids
-    const asText = vocab === 256;
-    const utf8 = new TextDecoder();
+    const eosId = eosFor(vocab); // the tokenizer's end-of-text token: generation stops there (not shown)
+    // models with text show text (a character held back until it is complete), others show ids
+    const stream = vocab.text ? vocab.stream() : null;
     const promptSpan = Object.assign(document.createElement('span'), { className: 'prompt' });
-    promptSpan.textContent = asText ? utf8.decode(Uint8Array.from(promptIds)) : promptIds.join(' ');
-    const generated = document.createElement('span');
+    promptSpan.textContent = vocab.text ? vocab.decode(promptIds) : promptIds.join(' ');
+    const generated = Object.assign(document.createElement('span'), { className: 'generated' });
     output.append(promptSpan, generated);
     setState('running', 'Generating...');
     const start = performance.now();
     const tokens = await decoder.generate(promptIds, maxNew, async (token, i) => {
-      generated.textContent += asText ? utf8.decode(Uint8Array.of(token), { stream: true }) : ` ${token}`;
+      generated.textContent += stream ? stream.add(token) : ` ${token}`;
       output.dataset.count = String(i + 1);
       $('status').textContent = `Generating... ${i + 1} / ${maxNew}`;
       await new Promise((resolve) => setTimeout(resolve, 0)); // yield: let the browser paint this token
-    });
-    if (asText) generated.textContent += utf8.decode(); // a trailing incomplete UTF-8 sequence, if any
+    }, { eosId });
+    if (stream) generated.textContent += stream.end(); // a trailing incomplete character, if any (as U+FFFD)
     const seconds = (performance.now() - start) / 1000;
     $('tokens').textContent = JSON.stringify(tokens);
     document.body.dataset.prompt = decoder.promptPath; // "prefill" (one call) or "step" (chunks)
     document.body.dataset.family = decoder.family; // "dsconv", "gss" or "mhesa"
-    setState('done', `Done: ${tokens.length} tokens in ${seconds.toFixed(2)} s (${(tokens.length / seconds).toFixed(1)} tokens/s).`);
+    document.body.dataset.stop = decoder.stopReason; // "eos" or "max_new_tokens"
+    const why = decoder.stopReason === 'eos' ? ', stopped at the end-of-text token' : '';
+    setState('done', `Done: ${tokens.length} tokens${why} in ${seconds.toFixed(2)} s (${(tokens.length / seconds).toFixed(1)} tokens/s).`);
   } catch (e) {
     setState('error', e instanceof GssInputError ? e.message : `Error: ${e?.message ?? e}`);
   } finally {
