@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--concurrency 1,4,16,64] [--prompt-tokens 64] [--new-tokens 128]
                                [--threads 2] [--family dsconv|gss|mhesa] [--repeats 3] [--out benchmarks/results/serve]
+    python benchmarks/serve.py --prefix [options of benchmarks/serve_prefix.py]   # the prefix cache
 
 The reference model (dim 512, depth 4; GatedDsConvLM: heads 8, dim_dsconv 512; the recurrent
 families with upstream's defaults), random weights, exported to ONNX and served by a live
@@ -150,6 +151,10 @@ def summary(results: list[dict], seconds: float) -> dict:
 
 
 def main() -> None:
+    if "--prefix" in sys.argv[1:]:  # the prefix cache's runs have their own requests and servers
+        from serve_prefix import main as prefix_main
+
+        return prefix_main([a for a in sys.argv[1:] if a != "--prefix"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--prompt-tokens", type=int, default=64)

@@ -159,7 +159,10 @@ def served(request, exports, work) -> Served:
     largest = max(case.state_bytes(n, case.max_tokens) for n in case.prompt_lengths) + work[family]
     budget = int(FITS * largest)
     run = Served(case, folder, budget, largest, prompts, work[family])
-    options = ("--state-memory", str(budget), "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1")
+    # the prefix cache's snapshots are a budget of their own (--prefix-cache-memory; test_serve_prefix_cache.py):
+    # off here, so that the peak is the state budget's alone
+    options = ("--state-memory", str(budget), "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--threads", "1",
+               "--no-prefix-cache")
     with live_server(folder, *options) as url:
         pid = url.process.pid
         body = lambda prompt, **more: {"prompt": prompt, "max_tokens": case.max_tokens, "temperature": 0, **more}

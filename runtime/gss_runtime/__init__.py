@@ -2,7 +2,8 @@
 
 from .decoder import Decoder, DecoderState, RecurrentState
 from .errors import RuntimeInputError
-from .generate import Generation, Generator, Sampling
+from .generate import Generation, Generator, Sampling, TextGeneration
 from .runner import GSSRunner
 
-__all__ = ["Decoder", "DecoderState", "RecurrentState", "Generation", "Generator", "GSSRunner", "RuntimeInputError", "Sampling"]
+__all__ = ["Decoder", "DecoderState", "RecurrentState", "Generation", "Generator", "GSSRunner", "RuntimeInputError", "Sampling",
+           "TextGeneration"]

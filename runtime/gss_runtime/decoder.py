@@ -107,20 +107,23 @@ class DecoderState:
         """
         return self.repack(np.arange(len(self.pad)), other)
 
-    def repack(self, keep, other: "DecoderState | None" = None, spare: int = 0, consume: bool = False) -> "DecoderState":
-        """Rows `keep` of this state, then every row of `other`, right-aligned in new buffers with `spare`
-        slots past the filled ones (so that feeds of up to `spare` tokens append without growing them).
+    def repack(self, keep, other: "DecoderState | Sequence[DecoderState] | None" = None, spare: int = 0,
+               consume: bool = False) -> "DecoderState":
+        """Rows `keep` of this state, then every row of `other` (a state, or several in turn), right-aligned in
+        new buffers with `spare` slots past the filled ones (so that feeds of up to `spare` tokens append
+        without growing them).
 
         consume=True releases each of the old per-layer buffers as soon as it is copied, so the transient
-        is one layer's buffers instead of a second whole state; neither old state may be used afterwards.
+        is one layer's buffers instead of a second whole state; none of the old states may be used afterwards.
         """
         keep = np.asarray(keep, np.int64)
+        others = _states(other, DecoderState)
         # slots that are padding for every kept row are dropped (one is kept: the graph needs a past)
         drop = int(self.pad[keep].min()) - 1 if len(keep) else self.length - 1
         mine_length = self.length - drop
-        length = max(mine_length, other.length if other is not None else 0)
-        total = len(keep) + (len(other.pad) if other is not None else 0)
-        mine, theirs = self.slots.arrays, other.slots.arrays if other is not None else None
+        length = max([mine_length, *(o.length for o in others)])
+        total = len(keep) + sum(len(o.pad) for o in others)
+        mine = self.slots.arrays
         arrays = []
         for i in range(len(mine)):
             # uninitialised past `length` (feeds write those slots); the leading padding slots are zeros
@@ -128,17 +131,18 @@ class DecoderState:
             joined[: length - mine_length, : len(keep)] = 0
             for j, row in enumerate(keep):  # row by row: no temporary copy of the whole state
                 joined[length - mine_length : length, j] = mine[i][drop : self.length, row]
-            if theirs is not None:
-                joined[: length - other.length, len(keep) :] = 0
-                joined[length - other.length : length, len(keep) :] = theirs[i][: other.length]
+            column = len(keep)
+            for o in others:
+                end = column + len(o.pad)
+                joined[: length - o.length, column:end] = 0
+                joined[length - o.length : length, column:end] = o.slots.arrays[i][: o.length]
+                column = end
             if consume:
                 mine[i] = None
-                if theirs is not None:
-                    theirs[i] = None
+                for o in others:
+                    o.slots.arrays[i] = None
             arrays.append(joined)
-        pad = self.pad[keep] - drop + length - mine_length
-        if other is not None:
-            pad = np.concatenate([pad, other.pad + length - other.length])
+        pad = np.concatenate([self.pad[keep] - drop + length - mine_length, *(o.pad + length - o.length for o in others)])
         return DecoderState(pad, length, _Slots(arrays, length))
 
 
@@ -165,22 +169,29 @@ class RecurrentState:
         """This state's rows, then `other`'s, in one batch: fixed-shape states simply stack."""
         return self.repack(np.arange(len(self.tokens)), other)
 
-    def repack(self, keep, other: "RecurrentState | None" = None, spare: int = 0, consume: bool = False) -> "RecurrentState":
-        """Rows `keep` of this state, then every row of `other`, in new arrays (spare: for DecoderState's
-        interface, a fixed state never grows; consume: as DecoderState.repack)."""
+    def repack(self, keep, other: "RecurrentState | Sequence[RecurrentState] | None" = None, spare: int = 0,
+               consume: bool = False) -> "RecurrentState":
+        """Rows `keep` of this state, then every row of `other` (a state, or several in turn), in new arrays
+        (spare: for DecoderState's interface, a fixed state never grows; consume: as DecoderState.repack)."""
         keep = np.asarray(keep, np.int64)
+        others = _states(other, RecurrentState)
         arrays = []
         for i, mine in enumerate(self.arrays):
             kept = mine[keep]  # a new array already
-            arrays.append(kept if other is None else np.concatenate([kept, other.arrays[i]]))
+            arrays.append(np.concatenate([kept, *(o.arrays[i] for o in others)]) if others else kept)
             if consume:
                 self.arrays[i] = None
-                if other is not None:
-                    other.arrays[i] = None
-        if other is None:
+                for o in others:
+                    o.arrays[i] = None
+        if not others:
             return RecurrentState(self.pending[keep], self.tokens[keep], arrays)
-        return RecurrentState(np.concatenate([self.pending[keep], other.pending]),
-                              np.concatenate([self.tokens[keep], other.tokens]), arrays)
+        return RecurrentState(np.concatenate([self.pending[keep], *(o.pending for o in others)]),
+                              np.concatenate([self.tokens[keep], *(o.tokens for o in others)]), arrays)
+
+
+def _states(other, kind) -> list:
+    """repack's `other`: none, one state, or several."""
+    return [] if other is None else [other] if isinstance(other, kind) else list(other)
 
 
 class Decoder:

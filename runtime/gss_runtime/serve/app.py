@@ -22,14 +22,16 @@ from starlette.exceptions import HTTPException
 from ..decoder import Decoder
 from ..errors import RuntimeInputError
 from ..session import SPIN_IN_CALL
-from ..vocabulary import Vocabulary
-from .budget import default_budget, return_freed_memory_to_the_os
+from ..tokenizer import vocabulary_for
+from .budget import default_budget, parse_size, return_freed_memory_to_the_os
 from .completions import Reply, collect, stream
 from .engine import Engine, EngineStopped, Overloaded, TooLarge
 from .engine import Request as EngineRequest
 from .guard import Guard, GuardOptions, current_options
 from .metrics import ServerMetrics
-from . import tokenization
+from .prefix_cache import DEFAULT_CAPACITY
+from . import chat, tokenization
+from .chat import ChatCompletionRequest
 from .strict_json import check_prompt_count, parse_json
 from .protocol import APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, completions_of, samples_of, validation_error
 
@@ -45,19 +47,24 @@ class ModelHost:
 
     def __init__(self, model: str | Path, name: str | None = None, provider: str = "auto", threads: int | None = None,
                  max_batch: int = 32, max_queue: int = 256, eos_id: int | None = None, max_prefill_tokens: int = 1024,
-                 state_memory: int | str | None = "auto"):
+                 state_memory: int | str | None = "auto", prefix_cache_memory: int | str | None = DEFAULT_CAPACITY):
         self.model, self.name = Path(model), name or Path(model).resolve().name
         self.provider, self.threads, self.max_batch, self.max_queue, self.eos_id = provider, threads, max_batch, max_queue, eos_id
         self.max_prefill_tokens = max_prefill_tokens
         # bytes of decoder state for running requests; "auto": budget.DEFAULT_SHARE of the memory available now
         self.state_memory = default_budget() if state_memory == "auto" else state_memory
+        # bytes of the prefix cache's snapshots, a budget of their own: a size ("1G"), or None / "off" for no cache
+        self.prefix_cache_memory = (None if prefix_cache_memory in (None, "off") else parse_size(prefix_cache_memory)
+                                    if isinstance(prefix_cache_memory, str) else prefix_cache_memory)
         self.engine: Engine | None = None
         self.error: str | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(running=lambda: self.engine.running if self.engine else 0,
                                      waiting=lambda: self.engine.waiting if self.engine else 0,
                                      state=lambda: self.engine.state_bytes if self.engine else (0, 0),
-                                     budget=lambda: self.state_memory or 0)
+                                     budget=lambda: self.state_memory or 0,
+                                     prefix_cache=lambda: self.engine.prefix_cache_usage if self.engine else
+                                     (0, 0, self.prefix_cache_memory or 0))
 
     def load(self) -> "ModelHost":
         """Open the decoder and start the step loop (raises RuntimeInputError for an unusable model)."""
@@ -69,9 +76,14 @@ class ModelHost:
         decoder = Decoder(self.model, provider=self.provider, threads=self.threads, spin=SPIN_IN_CALL)
         if self.eos_id is not None and not 0 <= self.eos_id < decoder.config["num_tokens"]:
             raise RuntimeInputError(f"--eos-id {self.eos_id} is out of range [0, {decoder.config['num_tokens']})")
-        self.vocabulary = Vocabulary(decoder.config["num_tokens"])
+        # text through the export's tokenizer when it has one (else bytes, or ids only); its end-of-text token
+        # ends completions unless --eos-id names another
+        self.vocabulary = vocabulary_for(self.model if self.model.is_dir() else self.model.parent, decoder.config["num_tokens"])
+        files = getattr(self.vocabulary, "files", None)
+        if self.eos_id is None and files is not None:
+            self.eos_id = files.eos_token_id
         self.engine = Engine(decoder, self.max_batch, self.max_queue, self.metrics, self.max_prefill_tokens,
-                             self.state_memory).start()
+                             self.state_memory, self.prefix_cache_memory).start()
         return self
 
     def load_in_background(self, on_failure: Callable[[str], None] = lambda message: None) -> None:
@@ -152,9 +164,27 @@ def build_app(host: ModelHost, load: bool = True, guard: GuardOptions | None = N
         engine = host.ready()
         body = _parse(await request.body(), CompletionRequest)
         _check_model(body.model)
-        config = engine.decoder.config
-        asks = completions_of(body, config, host.eos_id)
+        asks = completions_of(body, engine.decoder.config, host.eos_id, host.vocabulary)
         n, best_of = samples_of(body)
+        prompts = [list(a.prompt) for a in asks[::best_of]]
+        reply = Reply(host.name, host.vocabulary, prompts, n, best_of, body.logprobs is not None, asks[0].stop_texts)
+        return await _answer(engine, asks, best_of, reply, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        engine = host.ready()
+        body = _parse(await request.body(), ChatCompletionRequest)
+        _check_model(body.model)
+        # the template writes the special tokens itself: none are added
+        prompt = host.vocabulary.encode(chat.render(host.vocabulary, body), special=False)
+        plain = chat.as_completion(body, prompt, engine.decoder.config, engine.decoder.bounded)
+        asks = completions_of(plain, engine.decoder.config, host.eos_id, host.vocabulary)
+        n, _ = samples_of(plain)
+        reply = chat.chat_reply(host.name, host.vocabulary, [list(asks[0].prompt)], n, body, asks[0].stop_texts)
+        return await _answer(engine, asks, n, reply, plain, request)
+
+    async def _answer(engine: Engine, asks: list, best_of: int, reply: Reply, body: CompletionRequest, request: Request):
+        """Submit the samples (a prompt's best_of share one prefill) and answer: whole, or streamed."""
         if len(asks) > engine.max_batch + engine.max_queue:  # could never be admitted together: not a 429
             raise APIError(400, f"{len(asks)} samples in one request; this server holds at most "
                                 f"{engine.max_batch + engine.max_queue} requests at once", param="prompt")
@@ -172,8 +202,6 @@ def build_app(host: ModelHost, load: bool = True, guard: GuardOptions | None = N
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except EngineStopped as e:
             raise APIError(503, str(e), type="service_unavailable") from None
-        prompts = [list(a.prompt) for a in asks[::best_of]]
-        reply = Reply(host.name, host.vocabulary, prompts, n, best_of, body.logprobs is not None)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(reply, queue, requests, usage), media_type="text/event-stream")

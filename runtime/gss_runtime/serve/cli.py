@@ -14,6 +14,7 @@ from ..session import locate
 from . import guard as limits
 from .http_limits import uvicorn_settings
 from .budget import DEFAULT_SHARE, available_memory, format_size, parse_size
+from .prefix_cache import DEFAULT_CAPACITY
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,6 +31,11 @@ def parser() -> argparse.ArgumentParser:
                    help="decoder state the running requests may hold, e.g. 4G or 512M; a request waits until what its state "
                         f"can grow to fits, and one that never could gets 400 (default auto: {int(DEFAULT_SHARE * 100)}%% of "
                         "the memory available at start; off: no budget)")
+    p.add_argument("--prefix-cache-memory", metavar="SIZE", type=_prefix_cache_memory, default=DEFAULT_CAPACITY,
+                   help="decoder states kept at the end of prompts and completions, so that a prompt starting with one "
+                        "(a chat's next turn) computes only the rest; the least recently used go past SIZE, a budget apart "
+                        f"from --state-memory (default {format_size(DEFAULT_CAPACITY)}; off: no cache)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="keep no states: every prompt is computed whole")
     p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
     p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads (per replica)")
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
@@ -64,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     ray.add_argument("--max-replicas", type=_count(1), help="autoscale: at most this many replicas")
     ray.add_argument("--target-ongoing-requests", type=float, help="autoscale: requests per replica to aim for")
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    ray.add_argument("--router", choices=("prefix", "default"), default="prefix",
+                     help="prefix (default): a request goes to the replica that was sent the longest start of its prompt; "
+                          "default: Ray's own, by load alone")
     return p
 
 
@@ -75,6 +84,10 @@ def budget_line(budget: int | None, asked) -> str:
     if not budget:
         return "decoder state budget off (the available memory could not be read; set --state-memory)"
     return f"decoder state budget {format_size(budget)} ({int(DEFAULT_SHARE * 100)}% of the {format_size(free)} available at start)"
+
+
+def _prefix_cache_memory(text: str) -> int | str:
+    return "off" if text == "off" else _state_memory(text)
 
 
 def _state_memory(text: str) -> int | str | None:
@@ -105,7 +118,8 @@ def run(args: argparse.Namespace) -> None:
     guard = guard_of(args)  # so does a key file that cannot be read
     options = dict(name=args.name, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
                    max_queue=args.max_queue, eos_id=args.eos_id, max_prefill_tokens=args.max_prefill_tokens,
-                   state_memory=args.state_memory)  # "auto" is worked out where the engine runs (each Ray replica)
+                   state_memory=args.state_memory,  # "auto" is worked out where the engine runs (each Ray replica)
+                   prefix_cache_memory="off" if args.no_prefix_cache else args.prefix_cache_memory)
     if args.ray:
         return _run_on_ray(args, options, guard)
     import uvicorn
@@ -114,6 +128,8 @@ def run(args: argparse.Namespace) -> None:
 
     host = ModelHost(args.model, **options)
     print(f"gss-serve: {budget_line(host.state_memory, args.state_memory)}", file=sys.stderr, flush=True)
+    cache = host.prefix_cache_memory
+    print(f"gss-serve: prefix cache {format_size(cache) if cache else 'off'}", file=sys.stderr, flush=True)
     app = build_app(host, guard=guard)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # end the running requests first, so their connections can close
@@ -140,6 +156,7 @@ def _run_on_ray(args: argparse.Namespace, options: dict, guard: limits.GuardOpti
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(args.model, replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       target_ongoing_requests=args.target_ongoing_requests, num_cpus=args.replica_cpus, guard=guard,
+                      router=args.router,
                       **{k: v for k, v in options.items() if v is not None})
     try:
         serve.run(app, name="gss", route_prefix="/", blocking=True)

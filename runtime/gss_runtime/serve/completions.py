@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..logprobs import TokenLogprob
-from ..vocabulary import Vocabulary
+from ..vocabulary import StopText, Vocabulary
 from .engine import Failed, Finished, Prompt, Tokens
 from .engine import Request as EngineRequest
 from .protocol import APIError
@@ -57,9 +57,13 @@ class _Logprobs:
 class _Choice:
     """One sample being assembled: its text, ids, log-probabilities and end."""
 
-    def __init__(self, vocab: Vocabulary, prompt: list[int], scored: bool):
+    def __init__(self, vocab: Vocabulary, prompt: list[int], scored: bool, stops: tuple[str, ...] = ()):
         self.vocab, self.prompt, self.scored = vocab, prompt, scored
         self.stream = vocab.stream()
+        # stop strings (a tokenizer's): the text ends before the first one reached, as the engine found it;
+        # text that may still become one is held back
+        self.stops = StopText(stops) if stops else None
+        self.stopped = False
         self.text, self.ids, self.reason, self.cumulative = "", [], None, None
         self.logprobs = _Logprobs() if scored else None
 
@@ -76,6 +80,8 @@ class _Choice:
         text, offsets = self.stream.offsets(ids, start)
         if isinstance(event, Finished):
             text = self.stream.end()
+        if self.stops is not None and not isinstance(event, Prompt):
+            text = self._until_stop(text, isinstance(event, Finished))
         self.text += text
         self.ids += shown
         if not (self.scored and entries):
@@ -87,6 +93,12 @@ class _Choice:
             getattr(self.logprobs, name).extend(values)
         return text, shown, part.body()
 
+    def _until_stop(self, text: str, last: bool) -> str:
+        if self.stopped:
+            return ""
+        text, self.stopped = self.stops.add(text)
+        return text + (self.stops.end() if last and not self.stopped else "")
+
     def body(self, index: int) -> dict:
         return {"index": index, "text": self.text, "logprobs": self.logprobs.body() if self.logprobs else None,
                 "finish_reason": self.reason, "token_ids": self.ids}
@@ -96,11 +108,12 @@ class Reply:
     """Turns engine events into OpenAI's completion objects, for `prompts` x `best_of` samples (sample k is
     prompt k // best_of's sample k % best_of), of which the best `n` per prompt are returned."""
 
-    def __init__(self, model: str, vocab: Vocabulary, prompts: list[list[int]], n: int, best_of: int, logprobs: bool):
+    def __init__(self, model: str, vocab: Vocabulary, prompts: list[list[int]], n: int, best_of: int, logprobs: bool,
+                 stops: tuple[str, ...] = ()):
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.n, self.best_of = n, best_of
-        self.choices = [_Choice(vocab, p, logprobs) for p in prompts for _ in range(best_of)]
-        self.prompt_tokens = self.completion_tokens = 0
+        self.choices = [_Choice(vocab, p, logprobs, stops) for p in prompts for _ in range(best_of)]
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         # a streamed chunk's envelope up to its choices, written once: every running stream sends a chunk per step
         self._head = json.dumps(self.envelope([]), separators=(",", ":"))[: -len("[]}")]
 
@@ -108,12 +121,15 @@ class Reply:
         if isinstance(event, Finished):
             if index % self.best_of == 0:  # a prompt counts once, however many samples it has
                 self.prompt_tokens += event.prompt_tokens
+                self.cached_tokens += event.cached_tokens
             self.completion_tokens += event.completion_tokens
         return self.choices[index].take(event)
 
     def usage(self) -> dict:
+        # cached_tokens: prompt tokens served from the prefix cache, where OpenAI and vLLM report them
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def envelope(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,

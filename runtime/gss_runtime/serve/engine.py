@@ -9,6 +9,10 @@ its own generator seeded by its request, so a request gets the tokens it would g
 Requests submitted together under one `group` (a prompt's n samples) share one prefill: the
 prompt's state is computed once and copied into their rows.
 
+Prefix caching (`prefix_cache.py`): a prompt whose start the engine has held before (the end of an earlier
+prompt or completion) starts from that state's snapshot and computes only its rest, alone, before its rows
+join a batch like any others'; echoed prompts need every position's logits, so they are always prefilled.
+
 Memory: with a `state_memory` budget, a request is admitted only when the state its batch can grow
 to fits (`budget.py`); otherwise it waits. GatedDsConvLM's requests run in up to `MAX_BATCHES`
 batches, each new request joining the one where it adds the least state, so a short request does
@@ -28,7 +32,9 @@ from ..decoder import Decoder, DecoderState
 from ..errors import RuntimeInputError
 from ..generate import RowProgress, choose
 from ..logprobs import TokenLogprob, token_logprobs
+from ..vocabulary import StopText
 from .budget import StateCost, lifetime_feeds, probe_step_memory
+from .prefix_cache import DEFAULT_CAPACITY, Plan, PrefixCache
 from .requests import (Completion, EngineStopped, Event, Failed, Finished, Overloaded, Prompt, Request, Tokens,
                        TooLarge)
 
@@ -46,9 +52,10 @@ NEW_BATCH_SHARE = 0.8
 class _Row:
     """A running request: its progress, its sampling stream, what it still feeds, and its timing."""
 
-    def __init__(self, request: Request, limit: int | None):
+    def __init__(self, request: Request, limit: int | None, cached: int = 0):
         c = request.completion
-        self.request = request
+        self.request, self.cached = request, cached  # cached: prompt tokens taken from a snapshot
+        self.fed: list[int] = []  # sampled tokens fed to the state so far (all but the newest)
         self.progress = RowProgress(len(c.prompt), c.max_tokens, c.eos_id, c.stops, limit)
         self.rng = np.random.default_rng(c.seed)
         self.feeds = lifetime_feeds(len(c.prompt), c.max_tokens, limit)  # tokens still to feed after the prompt
@@ -56,6 +63,15 @@ class _Row:
         self.logprobs: list[TokenLogprob] = []  # one per token of progress.made
         self.cumulative = 0.0
         self.last: float | None = None
+        # stop strings: the text is decoded as it comes (the reply trims it at the string, from the same tokens)
+        self.stop_text = (c.vocabulary.stream(), StopText(c.stop_texts)) if c.stop_texts else None
+
+    def reached_stop_text(self, token: int) -> bool:
+        """Whether the text, with `token`'s, has reached one of the completion's stop strings."""
+        if self.stop_text is None or self.progress.reason:
+            return False
+        text, stops = self.stop_text
+        return stops.add(text.add([token]))[1]
 
 
 class _Batch:
@@ -69,6 +85,14 @@ class _Batch:
         return _slots(self.state) + max((r.feeds for r in self.rows), default=0) if _slots(self.state) else 0
 
 
+def _ready(state, spare: int) -> bool:
+    """Whether a one-row state can step as a batch as it is: a fixed-size one always; an appended one whose
+    buffers it extends itself with exactly `spare` free slots (what the budget reserved for it)."""
+    if not isinstance(state, DecoderState):
+        return True
+    return state.slots.filled == state.length and state.slots.arrays[0].shape[0] - state.length == spare
+
+
 def _slots(state) -> int:
     """An appended state's slots; 0 for a fixed-size (recurrent) one."""
     return state.length if isinstance(state, DecoderState) else 0
@@ -79,6 +103,7 @@ class _Unit:
     """Requests that share one prompt's prefill (a prompt's n samples)."""
 
     requests: list[Request]
+    plan: Plan | None = None  # where its prefill starts (None: no prefix cache, or an echoed prompt)
 
     @property
     def completion(self) -> Completion:
@@ -98,6 +123,7 @@ class NoMetrics:
     def first_token(self, seconds: float) -> None: ...
     def next_token(self, seconds: float) -> None: ...
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def prompt_cache(self, cached_tokens: int) -> None: ...  # a prompt prefilled with the cache on (0: a miss)
 
 
 class Engine:
@@ -105,21 +131,26 @@ class Engine:
 
     max_batch: requests running at once (rows of a step); max_queue: requests waiting beyond them;
     max_prefill_tokens: prompt tokens admitted between two steps (at least one prompt), which bounds
-    how long a burst of arrivals stalls the streams already running; state_memory: bytes of decoder
-    state the running requests may hold (None: no budget).
+    how long a burst of arrivals stalls the streams already running (tokens computed: a cached prefix is
+    not); state_memory: bytes of decoder state the running requests may hold (None: no budget);
+    prefix_cache_memory: bytes of the prefix cache's snapshots, a budget of its own (None: no cache).
     """
 
     def __init__(self, decoder: Decoder, max_batch: int = 32, max_queue: int = 256, metrics=None,
-                 max_prefill_tokens: int = 1024, state_memory: int | None = None):
-        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1 or (state_memory is not None and state_memory < 1):
-            raise RuntimeInputError(f"max_batch, max_prefill_tokens and state_memory must be >= 1 and max_queue >= 0, got "
-                                    f"{max_batch}, {max_prefill_tokens}, {state_memory} and {max_queue}")
+                 max_prefill_tokens: int = 1024, state_memory: int | None = None,
+                 prefix_cache_memory: int | None = DEFAULT_CAPACITY):
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1 or any(
+                m is not None and m < 1 for m in (state_memory, prefix_cache_memory)):
+            raise RuntimeInputError(f"max_batch, max_prefill_tokens, state_memory and prefix_cache_memory must be >= 1 "
+                                    f"and max_queue >= 0, got {max_batch}, {max_prefill_tokens}, {state_memory}, "
+                                    f"{prefix_cache_memory} and {max_queue}")
         self.decoder, self.max_batch, self.max_queue, self.max_prefill_tokens = decoder, max_batch, max_queue, max_prefill_tokens
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.limit = decoder.config["max_seq_len"] if decoder.bounded else None
         work = probe_step_memory(decoder) if state_memory is not None else 0
         self.cost, self.state_memory = StateCost.of(decoder, work), state_memory
         self.max_batches = MAX_BATCHES if decoder.bounded else 1
+        self.prefix_cache = PrefixCache(decoder, prefix_cache_memory) if prefix_cache_memory is not None else None
         # (what the running batches can grow to: the budget's measure, what their buffers hold now), replaced
         # whole so that a reader sees one moment
         self.state_bytes = (0, 0)
@@ -224,6 +255,12 @@ class Engine:
     def held_bytes(self) -> int:
         return self.state_bytes[1]
 
+    @property
+    def prefix_cache_usage(self) -> tuple[int, int, int]:
+        """The prefix cache's (bytes, entries, capacity), read together; zeros without a cache."""
+        cache = self.prefix_cache
+        return (*cache.usage, cache.capacity) if cache is not None else (0, 0, 0)
+
     def _account(self) -> None:
         self.state_bytes = (sum(self.cost.bytes(len(b.rows), b.reach()) for b in self._batches),
                             sum(b.state.held_bytes + self.cost.work_bytes * len(b.rows) for b in self._batches))
@@ -246,6 +283,8 @@ class Engine:
             reserved = sum(self.cost.bytes(n, length + feeds) for n, length, feeds in plans)
             rows, placed, blocked = self.running, {}, False
             longest: dict[int, int] = {}  # per prefill call (target batch): its longest prompt, which pads the others
+            batched: collections.Counter[int] = collections.Counter()  # per call: its prompts (the others resume alone)
+            resumed = 0  # tokens computed by prompts resumed from a snapshot
             soonest = min((r.progress.max_new_tokens - r.progress.sampled for b in self._batches for r in b.rows), default=0)
             for unit in list(self._waiting):
                 live = unit.live
@@ -256,10 +295,13 @@ class Engine:
                 if rows + len(live) > self.max_batch:
                     break
                 target, cost = self._place(plans, c, len(live))
+                unit.plan = self.prefix_cache.plan(c.prompt) if self.prefix_cache is not None and not c.echo else None
+                alone = None if unit.plan is None or unit.plan.cold else len(c.prompt) - unit.plan.start
                 # a call's prompts are padded to its longest: what it computes, and holds, is rows x longest
-                padded = {t: len(placed[t]) * n for t, n in longest.items()}
-                padded[target] = (len(placed.get(target, [])) + 1) * max(longest.get(target, 0), len(c.prompt))
-                if placed and sum(padded.values()) > self.max_prefill_tokens:
+                padded = {t: batched[t] * n for t, n in longest.items()}
+                if alone is None:
+                    padded[target] = (batched[target] + 1) * max(longest.get(target, 0), len(c.prompt))
+                if placed and sum(padded.values()) + resumed + (alone or 0) > self.max_prefill_tokens:
                     break
                 if self.state_memory is not None and reserved + cost > self.state_memory:
                     blocked = True  # the head waits for memory; later ones may overtake it within the rule above
@@ -272,7 +314,11 @@ class Engine:
                     self._apply(plans, target, c, len(live))
                     rows += len(live)
                 reserved += cost
-                longest[target] = max(longest.get(target, 0), len(c.prompt))
+                if alone is None:
+                    longest[target] = max(longest.get(target, 0), len(c.prompt))
+                    batched[target] += 1
+                else:
+                    resumed += alone
                 placed.setdefault(target, []).append(unit)
             return placed
 
@@ -301,19 +347,51 @@ class Engine:
             plans[target] = [n + k, max(plan_length, length), max(plan_feeds, feeds)]
 
     def _prefill(self, target: int, units: list[_Unit]) -> None:
-        """Prefill the units' prompts in one call; their rows join batch `target` (or a new one)."""
+        """Compute the units' prompts (cold ones in one call, those resumed from a snapshot one by one); their
+        rows join batch `target` (or a new one)."""
+        cold = [u for u in units if u.plan is None or u.plan.cold]
+        warm = [u for u in units if u.plan is not None and not u.plan.cold]
+        new = target == -1 or target >= len(self._batches)
+        # one request resumed into a batch of its own: its state gets the batch's spare slots at once (no copy)
+        alone = new and not cold and len(warm) == 1 and len(warm[0].requests) == 1
+        parts = [self._prefill_together(cold)] if cold else []
+        parts += [self._resume(u, self._extent(u.completion)[1] if alone else 0) for u in warm]
+        parts = [p for p in parts if p is not None and p[1]]  # (state, fork: its rows for ours, their logits, _Rows)
+        if not parts:
+            return
+        state, fork = parts[0][0], np.array(parts[0][1])
+        others = [s if len(f) == 1 else s.rows(np.array(f)) for s, f, _, _ in parts[1:]]
+        rows = [row for p in parts for row in p[3]]
+        new_logits = np.concatenate([p[2] for p in parts])
+        with self._wake:
+            if new:
+                spare = max(r.feeds for r in rows)
+                if not (len(parts) == 1 and len(fork) == len(state.tokens) == 1 and _ready(state, spare)):
+                    state = state.repack(fork, others, spare, consume=True)
+                self._batches.append(_Batch(rows, state, new_logits))
+            else:
+                batch = self._batches[target]
+                forked = state.repack(fork, others, consume=True)
+                spare = max(r.feeds for r in batch.rows + rows)
+                batch.state = batch.state.repack(np.arange(len(batch.rows)), forked, spare, consume=True)
+                batch.rows += rows
+                batch.logits = np.concatenate([batch.logits, new_logits])
+
+    def _prefill_together(self, units: list[_Unit]):
+        """The units' prompts in one prefill call, each end snapshotted: (state, fork, logits, rows), None if it failed."""
         every = any(u.completion.echo for u in units)
         try:
             logits, state = self.decoder.prefill([u.completion.prompt for u in units], every=every)
         except RuntimeInputError as e:  # checked on arrival, so not expected; the others keep running
-            for unit in units:
-                for request in unit.requests:
-                    self._tell(request, Failed(str(e)))
-            return
+            return self._fail(units, e)
         longest = logits.shape[1] if every else 0
+        last = logits[:, -1] if every else logits
         fork, rows = [], []
         for i, unit in enumerate(units):
             c = unit.completion
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(c.prompt, state, i, last[i])
+                self.metrics.prompt_cache(0)
             if c.echo:
                 self._echo(unit, logits[i, longest - len(c.prompt) :])
             if c.max_tokens == 0:
@@ -322,21 +400,22 @@ class Engine:
                 continue
             fork += [i] * len(unit.requests)
             rows += [_Row(r, self.limit) for r in unit.requests]
-        if not rows:
-            return
-        last = logits[:, -1] if every else logits
-        new_logits = last[fork]
-        with self._wake:
-            if target == -1 or target >= len(self._batches):
-                spare = max(r.feeds for r in rows)
-                self._batches.append(_Batch(rows, state.repack(np.array(fork), spare=spare, consume=True), new_logits))
-            else:
-                batch = self._batches[target]
-                forked = state.repack(np.array(fork), consume=True)
-                spare = max(r.feeds for r in batch.rows + rows)
-                batch.state = batch.state.repack(np.arange(len(batch.rows)), forked, spare, consume=True)
-                batch.rows += rows
-                batch.logits = np.concatenate([batch.logits, new_logits])
+        return state, fork, last[fork], rows
+
+    def _resume(self, unit: _Unit, spare: int = 0):
+        """One prompt computed from its plan's snapshot: (its one-row state, fork, logits, rows), None if it failed."""
+        plan, k = unit.plan, len(unit.requests)
+        try:
+            logits, state = self.prefix_cache.resume(plan, unit.completion.prompt, spare)
+        except RuntimeInputError as e:
+            return self._fail([unit], e)
+        self.metrics.prompt_cache(plan.start)
+        return state, [0] * k, np.repeat(logits[None], k, axis=0), [_Row(r, self.limit, plan.start) for r in unit.requests]
+
+    def _fail(self, units: list[_Unit], error: Exception) -> None:
+        for unit in units:
+            for request in unit.requests:
+                self._tell(request, Failed(str(error)))
 
     def _echo(self, unit: _Unit, logits: np.ndarray) -> None:
         """The prompt's log-probabilities from its prefill logits: position j's logits score token j + 1."""
@@ -362,9 +441,14 @@ class Engine:
                 self.metrics.next_token(now - row.last)
             row.last = now
             self._take(row, token, logits)
+            if row.reached_stop_text(token):
+                row.progress.reason = "stop_sequence"
             if row.progress.reason:
+                if self.prefix_cache is not None and row.fed:  # the state after what it fed: a next turn's prefix
+                    self.prefix_cache.store(np.concatenate([np.asarray(c.prompt, np.int64), row.fed]), batch.state, i,
+                                            batch.logits[i])
                 self._finish_request(row.request, REASONS[row.progress.reason], row.progress.sampled,
-                                     row.cumulative if row.scored else None)
+                                     row.cumulative if row.scored else None, row.cached)
             else:
                 keep.append(i)
                 tokens.append(token)
@@ -378,8 +462,9 @@ class Engine:
                 batch.logits = batch.logits[keep]
                 batch.state = batch.state.repack(np.array(keep), spare=max(r.feeds for r in batch.rows), consume=True)
         batch.logits, batch.state = self.decoder.step(np.array(tokens, np.int64), batch.state)
-        for row in batch.rows:
+        for row, token in zip(batch.rows, tokens):
             row.feeds -= 1
+            row.fed.append(token)
 
     def _take(self, row: _Row, token: int, logits: np.ndarray) -> None:
         """Add the sampled token to the row and send what became safe to show, with its log-probabilities."""
@@ -400,10 +485,11 @@ class Engine:
         if shown or entries:
             self._tell(row.request, Tokens(shown, entries))
 
-    def _finish_request(self, request: Request, reason: str, sampled: int, cumulative: float | None) -> None:
+    def _finish_request(self, request: Request, reason: str, sampled: int, cumulative: float | None,
+                        cached: int = 0) -> None:
         prompt_tokens = len(request.completion.prompt)
         self.metrics.finished(reason, prompt_tokens, sampled)
-        self._tell(request, Finished(reason, prompt_tokens, sampled, cumulative))
+        self._tell(request, Finished(reason, prompt_tokens, sampled, cumulative, cached))
 
     def _tell(self, request: Request, event: Event) -> None:
         self._outbox.append((request, event))

@@ -14,13 +14,14 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import RuntimeInputError
 from ..generate import Sampling
 from ..logprobs import MAX_TOP
-from ..vocabulary import BYTE_VOCAB
+from ..vocabulary import Vocabulary
 from .engine import Completion
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_SAMPLES = 32  # n and best_of: samples of one prompt (each a row of the running batch)
 SEED_RANGE = 2**63
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # stop strings: each is searched for in the text after every token
 
 
 class APIError(Exception):
@@ -116,9 +117,10 @@ def sample_seed(seed: int | None, sample: int) -> int | None:
     return None if seed is None else (seed + sample) % SEED_RANGE
 
 
-def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
-    """The request's prompts as token ids, each checked: text for byte-level models, ids for any."""
+def prompts_of(request: CompletionRequest, config: dict, vocabulary: Vocabulary | None = None) -> list[list[int]]:
+    """The request's prompts as token ids, each checked: text for a model with a tokenizer or byte-level, ids for any."""
     prompt, vocab, limit = request.prompt, config["num_tokens"], config["max_seq_len"]
+    vocabulary = vocabulary or Vocabulary(vocab)
     items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
     if not items:
         raise _bad("prompt is empty: give a string, a list of token ids, or a list of either", "prompt")
@@ -126,12 +128,13 @@ def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
     for i, item in enumerate(items):
         where = "prompt" if len(items) == 1 else f"prompt[{i}]"
         if isinstance(item, str):
-            if vocab != BYTE_VOCAB:
-                raise _bad(f"this model's tokens are not bytes (num_tokens {vocab}): give {where} as a list of token ids", "prompt")
-            if len(item) > limit:  # each character is at least one byte: refused before encoding a long text
+            if not vocabulary.text:
+                raise _bad(f"this model has no tokenizer and its tokens are not bytes (num_tokens {vocab}): give {where} "
+                           "as a list of token ids", "prompt", "no_text_mapping")
+            if vocabulary.kind == "bytes" and len(item) > limit:  # a character is at least one byte: refused before encoding
                 raise _bad(f"{where} has at least {len(item)} tokens; this model's max_seq_len is {limit}", "prompt",
                            "context_length_exceeded")
-            ids = list(item.encode("utf-8"))
+            ids = vocabulary.encode(item)  # a tokenizer's is bounded by the body's size limit
         else:
             ids = list(item)
             bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -145,11 +148,13 @@ def prompts_of(request: CompletionRequest, config: dict) -> list[list[int]]:
     return out
 
 
-def completions_of(request: CompletionRequest, config: dict, eos_id: int | None) -> list[Completion]:
+def completions_of(request: CompletionRequest, config: dict, eos_id: int | None,
+                   vocabulary: Vocabulary | None = None) -> list[Completion]:
     """One engine Completion per sample (best_of per prompt, prompt by prompt), or APIError(400) naming the
     first bad field."""
     _unsupported(request)
     vocab = config["num_tokens"]
+    vocabulary = vocabulary or Vocabulary(vocab)
     max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     if max_tokens < 0 or (max_tokens == 0 and not request.echo):
         raise _bad(f"max_tokens must be at least 1 (0 only with echo, to score the prompt), got {max_tokens}", "max_tokens")
@@ -167,8 +172,11 @@ def completions_of(request: CompletionRequest, config: dict, eos_id: int | None)
     if request.seed is not None and not 0 <= request.seed < SEED_RANGE:
         raise _bad(f"seed must be in [0, 2^63), got {request.seed}", "seed")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if stops and vocab != BYTE_VOCAB:
-        raise _bad(f"text stop sequences need a byte-level model; this one has num_tokens {vocab}: use stop_token_ids", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop")
+    if stops and not vocabulary.text:
+        raise _bad(f"this model has no tokenizer and its tokens are not bytes (num_tokens {vocab}): there is no text "
+                   "to stop at; use stop_token_ids", "stop", "no_text_mapping")
     stop_ids = list(request.stop_token_ids or [])
     bad = next((t for t in stop_ids if not 0 <= t < vocab), None)
     if bad is not None:
@@ -178,13 +186,16 @@ def completions_of(request: CompletionRequest, config: dict, eos_id: int | None)
         sampling.check(vocab)  # what the runtime itself refuses never reaches the step loop
     except RuntimeInputError as e:
         raise _bad(str(e), "temperature") from None
-    # a stop id is a one-token stop sequence: it ends the request and is not shown
-    sequences = [list(s.encode("utf-8")) for s in stops if s] + [[t] for t in stop_ids]
+    # a stop id is a one-token stop sequence: it ends the request and is not shown. A byte-level model's stop
+    # strings are byte sequences (exact); a tokenizer's are found in the decoded text
+    byte_stops = vocabulary.kind == "bytes"
+    sequences = [list(s.encode("utf-8")) for s in stops if s and byte_stops] + [[t] for t in stop_ids]
+    texts = tuple(s for s in stops if s) if not byte_stops else ()
     eos = None if request.ignore_eos else eos_id
     # per prompt, best_of samples in order, sample j seeded by sample_seed(seed, j)
     return [Completion(p, max_tokens, sampling, sample_seed(request.seed, j), sequences, eos, request.logprobs,
-                       bool(request.echo), best_of > n)
-            for p in prompts_of(request, config) for j in range(best_of)]
+                       bool(request.echo), best_of > n, texts, vocabulary if texts else None)
+            for p in prompts_of(request, config, vocabulary) for j in range(best_of)]
 
 
 def validation_error(errors: list[dict]) -> APIError:

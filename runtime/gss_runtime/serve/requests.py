@@ -35,7 +35,9 @@ class Completion:
     max_tokens 0 samples nothing (scoring the prompt: `echo`). logprobs: how many of the most likely
     tokens to list at each generated position (0: the chosen token's alone), None for no
     log-probabilities. echo: send the prompt's log-probabilities first (with logprobs set). score:
-    track the cumulative log-probability (for best_of) even without logprobs.
+    track the cumulative log-probability (for best_of) even without logprobs. stop_texts: strings
+    that end the completion when its decoded text reaches them (a model with a tokenizer, whose
+    tokens need not line up with the strings), read through `vocabulary`.
     """
 
     prompt: Sequence[int]
@@ -47,6 +49,8 @@ class Completion:
     logprobs: int | None = None
     echo: bool = False
     score: bool = False
+    stop_texts: Sequence[str] = ()
+    vocabulary: object = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cumulative_logprob: float | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
 
 @dataclass(frozen=True)

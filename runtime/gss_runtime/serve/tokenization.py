@@ -15,9 +15,10 @@ def _no_text(e: NoTextMapping, param: str | None) -> APIError:
 
 
 def tokenize(body: TokenizeRequest, config: dict, vocab: Vocabulary) -> dict:
-    """{count, max_model_len, tokens[, token_strs]}; add_special_tokens changes nothing: bytes have none."""
+    """{count, max_model_len, tokens[, token_strs]}; add_special_tokens: what the tokenizer's post-processor
+    adds (bytes have none)."""
     try:
-        tokens = vocab.encode(body.prompt)
+        tokens = vocab.encode(body.prompt, body.add_special_tokens)
     except NoTextMapping as e:
         raise _no_text(e, "prompt") from None
     out = {"count": len(tokens), "max_model_len": config["max_seq_len"], "tokens": tokens}
@@ -43,6 +44,15 @@ def info(config: dict, vocab: Vocabulary, eos_id: int | None) -> dict:
     if not vocab.text:
         raise _no_text(NoTextMapping(f"this model's tokens are not bytes (num_tokens {vocab.size}) and it has no "
                                      "tokenizer: it takes and gives token ids only"), None)
+    files = getattr(vocab, "files", None)
+    if files is not None:  # the export's Hugging Face tokenizer
+        out = {"tokenizer_class": "PreTrainedTokenizerFast", "text_to_ids": "the export's tokenizer.json",
+               "vocab_size": files.vocab_size, "max_model_len": config["max_seq_len"],
+               "chat_template": files.chat_template}
+        for name, (text, token) in files.special.items():
+            out[f"{name}_token"] = text
+        out["eos_token"], out["eos_token_id"] = vocab.eos_token(eos_id), eos_id
+        return out
     return {"tokenizer_class": "ByteLevel", "text_to_ids": "utf-8 bytes: each byte of the text's UTF-8 is one token id",
             "vocab_size": vocab.size, "max_model_len": config["max_seq_len"], "eos_token": vocab.eos_token(eos_id),
             "eos_token_id": eos_id, "bos_token": None, "pad_token": None, "unk_token": None}
