@@ -1,6 +1,10 @@
-"""Decode speed: the decoder with state (gss-run's path) against upstream-style full recompute.
+"""Decode speed: the decoder with state (gss-run's path) against upstream-style full recompute, or
+(--floor) every family's step against the memory traffic it cannot avoid.
 
     python benchmarks/decode.py [--contexts 128,512,2048] [--tokens 32] [--threads 2]
+    python benchmarks/decode.py --floor [--long] [--contexts 128,4096,16384] [--batches 1,4,16] [--out DIR]
+
+--floor: see `decode_floor.py`, which it runs.
 
 Model: dim 512, depth 4, heads 8, dim_dsconv 512, num_tokens 256, random weights, batch 1.
 For each context C: gss-run's Generator prefills C tokens, then its time per generated token
@@ -48,6 +52,12 @@ def measure_decode(model, upstream, contexts: list[int], tokens: int, threads: i
 
 
 def main() -> None:
+    import sys
+
+    if "--floor" in sys.argv[1:]:
+        from decode_floor import main as floor_main
+
+        return floor_main([a for a in sys.argv[1:] if a != "--floor"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="128,512,2048")
     parser.add_argument("--tokens", type=int, default=32)

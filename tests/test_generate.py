@@ -63,6 +63,25 @@ def torch_free(tmp_path_factory, prompts):
         greedy = res["alone"]["17"]
         res["eos"] = gen.generate(prompts["17"], {NEW}, eos_id=greedy[5]).__dict__
         res["stop"] = gen.generate(prompts["17"], {NEW}, stop_sequences=[greedy[6:8]]).__dict__
+        # the state's buffers are allocated once, by the prefill, with room for every token to come: no step,
+        # and no row leaving the batch, grows them (each growth copies the whole past)
+        from gss_runtime import decoder as decoder_module
+        reserve, grown = decoder_module._Slots.reserve, []
+        def spy(slots, *args):
+            before = slots.arrays[0]
+            reserve(slots, *args)
+            grown.append(slots.arrays[0] is not before)
+        decoder_module._Slots.reserve = spy
+        res["growths"] = []
+        # sampled (rows draw as they would alone): a stop sequence row "17" makes and row "300" does not
+        mine, other = res["sampled_alone"]["17"], res["sampled_alone"]["300"]
+        stop = next(mine[i:i + 2] for i in range(len(mine) - 1)
+                    if all(other[j:j + 2] != mine[i:i + 2] for j in range(len(other) - 1)))
+        for batch_prompts, stops in (([prompts["300"]], []), ([prompts["17"], prompts["300"]], [stop])):
+            grown.clear()
+            ended = gen.generate(batch_prompts, {NEW}, stop_sequences=stops, sampling=hot, seed=7)
+            res["growths"].append([sum(grown), len(grown), ended.stop_reasons])
+        decoder_module._Slots.reserve = reserve
         streamed_stop = []
         gen.generate(prompts["17"], {NEW}, stop_sequences=[greedy[6:8]], on_token=lambda row, t: streamed_stop.append(t))
         res["streamed_stop"] = streamed_stop
@@ -144,3 +163,13 @@ def test_state_memory_per_token(torch_free):
     res, _ = torch_free
     # depth 3 x (dim_dsconv 128 + heads 4) float32 per token, plus the one padding slot every state starts with
     assert res["state_bytes_300"] == (300 + 1) * 3 * (128 + 4) * 4
+
+
+def test_steps_never_grow_the_state(torch_free):
+    """A generation's state buffers are allocated by its prefill alone, with room for every token to come:
+    the first step after a long prompt copies nothing (it used to copy the whole past), nor does a row's leaving."""
+    res, _ = torch_free
+    (one_growth, one_calls, _), (batch_growth, batch_calls, reasons) = res["growths"]
+    assert one_growth == 1 and one_calls == NEW  # the prefill, then NEW - 1 steps
+    assert "stop_sequence" in reasons and "max_new_tokens" in reasons  # a row left the batch early, the others went on
+    assert batch_growth == 1 and batch_calls == NEW

@@ -193,7 +193,7 @@ def test_n_samples_fork_one_prefill(folders, family):
     decoder = Decoder(folders[family], provider="cpu", threads=1)
     prefills = []
     real = decoder.prefill
-    decoder.prefill = lambda prompts, every=False: (prefills.append(len(prompts)), real(prompts, every))[1]
+    decoder.prefill = lambda prompts, **kw: (prefills.append(len(prompts)), real(prompts, **kw))[1]
     engine = Engine(decoder, max_batch=8).start()
     seen = Collector(engine)
     sampling = Sampling(temperature=0.9)
@@ -211,3 +211,39 @@ def test_n_samples_fork_one_prefill(folders, family):
             assert alone.tokens[j] == seen.tokens[j]
     finally:
         engine.stop()
+
+
+def test_a_new_batch_steps_in_its_prefill_buffers(folders, monkeypatch):
+    """Cold prompts that start a batch of their own are prefilled with room for every token they will feed:
+    no repack and no growth of the state's buffers, from the first step to the last; tokens still exact."""
+    from gss_runtime import Decoder
+    from gss_runtime.decoder import DecoderState, _Slots
+    from gss_runtime.serve.engine import Completion, Engine, Request
+
+    decoder = Decoder(folders["dsconv"], provider="cpu", threads=1)
+    copies = []
+    repack, reserve = DecoderState.repack, _Slots.reserve
+    monkeypatch.setattr(DecoderState, "repack", lambda self, *a, **k: (copies.append("repack"), repack(self, *a, **k))[1])
+
+    def spy(slots, *args):
+        before = slots.arrays[0]
+        reserve(slots, *args)
+        if slots.arrays[0] is not before:
+            copies.append(f"grown to {slots.arrays[0].shape[0]}")
+
+    monkeypatch.setattr(_Slots, "reserve", spy)
+    engine = Engine(decoder, max_batch=8, prefix_cache_memory=None).start()
+    seen = Collector(engine)
+    prompts = [list(LONG_PROMPT[:200]), list(LONG_PROMPT[:150])]
+    try:
+        engine.submit([Request(Completion(p, 30), seen, tag=i) for i, p in enumerate(prompts)])
+        for _ in prompts:
+            assert seen.done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    # each prompt's prefill allocates once (prompt + 1 padding slot + 29 feeds) and nothing is copied after
+    # (the engine gives prompts of different lengths batches of their own, or one prefill: either way no repack)
+    assert sorted(copies) in (["grown to 180", "grown to 230"], ["grown to 230"]), copies
+    monkeypatch.undo()
+    for i, p in enumerate(prompts):
+        assert seen.tokens[i] == greedy_alone(decoder, p, 30), i

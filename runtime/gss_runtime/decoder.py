@@ -50,15 +50,27 @@ PREFILL_CHUNK = 256
 
 
 class _Slots:
-    """Growable slot-major buffers, one per state tensor; `filled` slots are in use."""
+    """Growable slot-major buffers, one per state tensor; `filled` slots are in use.
+
+    Growth copies every filled slot into new buffers, a stall that grows with the context (363 ms after a
+    16,384-token prompt at dim 512, against 17 ms for a step). So whoever knows how many tokens are to
+    come reserves them at once (`room`: prefill, feed, rows, repack's `spare`; the Generator and gss-serve
+    always do) and steps then never grow the buffers. A feed past the reserve doubles the capacity (at
+    least 64 slots), never beyond max_seq_len: amortised one copy per token, memory at most twice the
+    state's.
+    """
 
     def __init__(self, arrays: list[np.ndarray], filled: int):
         self.arrays, self.filled = arrays, filled
         self.lock = threading.Lock()  # claiming slots is check-then-write: states fed from two threads
 
-    def reserve(self, slots: int, limit: int) -> None:
-        if slots > self.arrays[0].shape[0]:
-            capacity = min(max(slots, 2 * self.arrays[0].shape[0], 64), max(limit, slots))
+    def reserve(self, slots: int, limit: int, room: int = 0) -> None:
+        """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
+        fewer (never past `limit`, the most slots a row can fill)."""
+        wanted = min(slots + max(room, 0), max(limit, slots))
+        if wanted > self.arrays[0].shape[0]:
+            grow = slots > self.arrays[0].shape[0] and room <= 0
+            capacity = min(max(slots, 2 * self.arrays[0].shape[0], 64), max(limit, slots)) if grow else wanted
             grown = [np.empty((capacity, *a.shape[1:]), np.float32) for a in self.arrays]
             for new, old in zip(grown, self.arrays):
                 new[: self.filled] = old[: self.filled]
@@ -91,13 +103,14 @@ class DecoderState:
         """Bytes of the buffers, spare capacity included: what the state holds in memory."""
         return sum(a.nbytes for a in self.slots.arrays)
 
-    def rows(self, keep: np.ndarray) -> "DecoderState":
-        """The state of rows `keep` (indices, repeats allowed: a row forked) only, in new buffers.
+    def rows(self, keep: np.ndarray, spare: int = 0) -> "DecoderState":
+        """The state of rows `keep` (indices, repeats allowed: a row forked) only, in new buffers with
+        `spare` free slots (the feeds still to come).
 
         Slots that are padding for every kept row are dropped (one is kept: the graph needs a past),
         so a batch whose long rows have left steps at the cost of the rows it still holds.
         """
-        return self.repack(keep)
+        return self.repack(keep, spare=spare)
 
     def join(self, other: "DecoderState") -> "DecoderState":
         """This state's rows, then `other`'s, in one batch (new buffers).
@@ -161,8 +174,8 @@ class RecurrentState:
 
     held_bytes = nbytes
 
-    def rows(self, keep: np.ndarray) -> "RecurrentState":
-        """Rows `keep` (indices, repeats allowed: a row forked)."""
+    def rows(self, keep: np.ndarray, spare: int = 0) -> "RecurrentState":
+        """Rows `keep` (indices, repeats allowed: a row forked); spare: for DecoderState's interface."""
         return self.repack(keep)
 
     def join(self, other: "RecurrentState") -> "RecurrentState":
@@ -257,11 +270,13 @@ class Decoder:
         pad = np.asarray(pad, np.int64) + 1
         return DecoderState(pad, 1, _Slots([np.zeros((1, len(pad), w), np.float32) for w in widths], 1))
 
-    def feed(self, input_ids, state: DecoderState, whole: bool | None = None) -> tuple[np.ndarray, DecoderState]:
+    def feed(self, input_ids, state: DecoderState, whole: bool | None = None, room: int = 0) -> tuple[np.ndarray, DecoderState]:
         """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state.
 
         whole: run prefill.onnx (True) or decoder.onnx (False); by default prefill.onnx for more
         than the export's prefill_above tokens when the export has it.
+        room: free slots to have past the new ones, for the tokens still to come (an appended state's
+        buffers are grown to hold them now, so later feeds copy nothing; a recurrent state ignores it).
         """
         ids = check_ids(input_ids, self.config)
         t, limit = ids.shape[1], self.config["max_seq_len"]
@@ -280,7 +295,7 @@ class Decoder:
         with slots.lock:
             if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
                 slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
-            slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)))
+            slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)), room)
             slots.filled = state.length + t  # claimed before the call: a second feed of `state` branches off
         # the past goes in as views of the buffers and the graph writes the new entries straight into
         # their slots: nothing that grows with the context is copied
@@ -296,8 +311,9 @@ class Decoder:
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), DecoderState(state.pad, state.length + t, slots)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], every: bool = False) -> tuple[np.ndarray, DecoderState]:
-        """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state.
+    def prefill(self, prompts: Sequence[Sequence[int]], every: bool = False, room: int = 0) -> tuple[np.ndarray, DecoderState]:
+        """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state,
+        with `room` free slots for the tokens to come (feed's; reserved with the first call).
 
         every=True: the logits after every position instead, (b, longest, num_tokens), each row's
         prompt right-aligned (row b's real positions are the last len(prompts[b])): what scoring a
@@ -319,7 +335,7 @@ class Decoder:
             chunk = min(chunk, self.config["max_seq_len"])
         pieces = []
         for start in range(0, longest, chunk):
-            logits, state = self.feed(padded[:, start : start + chunk], state)
+            logits, state = self.feed(padded[:, start : start + chunk], state, room=max(longest - start - chunk, 0) + room)
             pieces.append(logits if every else logits[:, -1:])
         if not every:
             return pieces[-1][:, 0], state

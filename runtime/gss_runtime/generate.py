@@ -235,7 +235,8 @@ class Generator:
         rngs = [np.random.default_rng(seed) for _ in batch]  # one stream per row: batching does not change draws
 
         start = time.perf_counter()
-        logits, state = self.decoder.prefill(batch)
+        # room for every token still to be fed (all but the last sampled): steps then never grow the state
+        logits, state = self.decoder.prefill(batch, room=max(max_new_tokens - 1, 0))
         result.prefill_seconds = time.perf_counter() - start
         cap = limit if bounded and on_limit == "stop" else None
         rows = [RowProgress(len(p), max_new_tokens, eos_id, stops, cap, made) for p, made in zip(batch, result.tokens)]
@@ -253,9 +254,13 @@ class Generator:
             if not keep:
                 break
             if len(keep) < len(active):  # a row finished: drop it from the batch (copies the state once)
-                active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep))
+                to_come = max(max_new_tokens - rows[r].sampled for r in active[keep])  # this step's token included
+                if bounded:  # never past max_seq_len
+                    to_come = min(to_come, limit - int(state.tokens[keep].max()))
+                active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep), spare=max(to_come, 0))
             if bounded and int(state.tokens.max()) >= limit:  # on_limit == "slide": re-read each row's last window
-                logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active])
+                logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active],
+                                                     room=max(max_new_tokens - rows[r].sampled - 1 for r in active))
             else:
                 logits, state = self.decoder.step(tokens, state)
             result.steps += 1

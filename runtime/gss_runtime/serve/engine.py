@@ -352,9 +352,11 @@ class Engine:
         cold = [u for u in units if u.plan is None or u.plan.cold]
         warm = [u for u in units if u.plan is not None and not u.plan.cold]
         new = target == -1 or target >= len(self._batches)
-        # one request resumed into a batch of its own: its state gets the batch's spare slots at once (no copy)
+        # prompts that become a batch of their own get its spare slots at once, so the batch steps in their
+        # buffers (no copy): one resumed request, or cold prompts prefilled together
         alone = new and not cold and len(warm) == 1 and len(warm[0].requests) == 1
-        parts = [self._prefill_together(cold)] if cold else []
+        room = max(self._extent(u.completion)[1] for u in cold) if new and cold and not warm else 0
+        parts = [self._prefill_together(cold, room)] if cold else []
         parts += [self._resume(u, self._extent(u.completion)[1] if alone else 0) for u in warm]
         parts = [p for p in parts if p is not None and p[1]]  # (state, fork: its rows for ours, their logits, _Rows)
         if not parts:
@@ -366,7 +368,8 @@ class Engine:
         with self._wake:
             if new:
                 spare = max(r.feeds for r in rows)
-                if not (len(parts) == 1 and len(fork) == len(state.tokens) == 1 and _ready(state, spare)):
+                as_is = len(parts) == 1 and np.array_equal(fork, np.arange(len(state.tokens))) and _ready(state, spare)
+                if not as_is:
                     state = state.repack(fork, others, spare, consume=True)
                 self._batches.append(_Batch(rows, state, new_logits))
             else:
@@ -377,11 +380,12 @@ class Engine:
                 batch.rows += rows
                 batch.logits = np.concatenate([batch.logits, new_logits])
 
-    def _prefill_together(self, units: list[_Unit]):
-        """The units' prompts in one prefill call, each end snapshotted: (state, fork, logits, rows), None if it failed."""
+    def _prefill_together(self, units: list[_Unit], room: int = 0):
+        """The units' prompts in one prefill call, each end snapshotted, the state with `room` free slots:
+        (state, fork, logits, rows), None if it failed."""
         every = any(u.completion.echo for u in units)
         try:
-            logits, state = self.decoder.prefill([u.completion.prompt for u in units], every=every)
+            logits, state = self.decoder.prefill([u.completion.prompt for u in units], every=every, room=room)
         except RuntimeInputError as e:  # checked on arrival, so not expected; the others keep running
             return self._fail(units, e)
         longest = logits.shape[1] if every else 0
