@@ -193,3 +193,33 @@ def test_gss_run_generates_past_max_seq_len(family, family_exports):
     res = json.loads(done.stdout)
     assert res["family"] == family and res["stop_reason"] == "max_new_tokens"
     assert res["tokens"] == eager_greedy(family_upstream(family), prompt, 30)
+
+
+def test_gss_decoder_takes_one_token_and_longer_feeds_match(family_exports):
+    """GatedStateSpacesLM's decoder.onnx is its one-token step: input_ids (batch, 1), said in config.json; a
+    feed of several tokens through it (one call each, ragged padding included) equals prefill.onnx's and the
+    eager model's logits, and its state equals prefill's."""
+    import onnx
+
+    from gss_runtime.decoder import Decoder
+
+    out = family_exports("gss", "onnx")
+    dims = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1]
+    io = json.loads((out / "config.json").read_text())["export"]["decoder"]
+    assert io["step_new_tokens"] == 1 and io["prefill_above"] == 1
+    decoder = Decoder(out, provider="cpu")
+    assert decoder.one_token
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 256, (3, 20))
+    pad = np.array([0, 7, 19])
+    stepped, state_a = decoder.feed(ids, decoder.empty_state(pad), whole=False)
+    whole, state_b = decoder.feed(ids, decoder.empty_state(pad), whole=True)
+    upstream = family_upstream("gss")
+    for r in range(3):
+        with torch.no_grad():
+            want = upstream(torch.from_numpy(ids[r : r + 1, pad[r] :]))[0].numpy()
+        assert max_errors(stepped[r, pad[r] :], want)[1] < RTOL
+        assert max_errors(whole[r, pad[r] :], want)[1] < RTOL
+    for a, b in zip(state_a.arrays, state_b.arrays):
+        assert max_errors(a, b)[1] < RTOL

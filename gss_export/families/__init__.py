@@ -104,8 +104,8 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("dsconv", DsConvConfig, GatedDsConvLM, "dsconv", _dsconv_config),
         # one channel per head (head_dim 1): the direct form's Toeplitz matrices cost more than the products they
-        # feed, so monarch wins from 16 tokens (forward 2.5 ms against 2.6 at 16, 16 against 46 at 128); so does
-        # prefill over the step (StateSpacesConfig.prefill_above = 16)
+        # feed, so monarch wins from 16 tokens (forward 2.5 ms against 2.6 at 16, 16 against 46 at 128); decoding
+        # runs a one-token step and sends every longer call to prefill (StateSpacesConfig.step_tokens)
         Family("gss", StateSpacesConfig, GatedStateSpacesLM, "dss", _gss_config, auto_forms={"onnx": "monarch"}),
         Family("mhesa", ExponentialSmoothingConfig, GatedExponentialSmoothingLM, "mhesa", _mhesa_config),
     )

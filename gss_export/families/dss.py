@@ -33,8 +33,10 @@ class StateSpacesConfig(FamilyConfig):
     family: ClassVar[str] = "gss"
     upstream_class: ClassVar[str] = "GatedStateSpacesLM"
     state: ClassVar[str] = "replace"
-    # one channel per head: the step's direct form loses to prefill's monarch from 16 tokens (families.FAMILIES["gss"])
-    prefill_above: ClassVar[int] = 16
+    # decoder.onnx runs `step_one` (one token, a few passes over the state); two tokens or more go to
+    # prefill.onnx, whose monarch form beat the general step's direct form from 16 tokens anyway
+    prefill_above: ClassVar[int] = 1
+    step_tokens: ClassVar[int | None] = 1
     num_tokens: int
     dim: int
     depth: int
@@ -149,6 +151,26 @@ class DSS(nn.Module):
         fresh = torch.matmul(u.transpose(1, 2), P[:t].flip(0))  # sum_m exp(Lambda (t-1-m)) u[m]: (b, H, 2N)
         return mixed + carried_out + u * self.param_D, carried + fresh
 
+    def step_one(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` for exactly one new position: x (b, 1, H), state (b, H, 2N), pad (b,) 0 or 1 -> (b, 1, H), (b, H, 2N).
+
+        The recurrence itself, s' = exp(Lambda) s + u and y = Re(sum_n C'_n s'_n) + D u (the kernel's
+        first tap, Re(sum C') u, is the u inside s'), on the real and imaginary halves: about six passes
+        over the state where `step` makes thirteen (its carried output, carried state and fresh inputs
+        each go over it), which is what a batched step costs. A padding position (pad 1) leaves the
+        state as it is.
+        """
+        u = self.norm(x) * real_positions(pad, 1, x.dtype)  # (b, 1, H)
+        d = self.powers(2)[carried_decay(pad, 1)].unsqueeze(1)  # exp(Lambda), or 1 on padding: (b, 1, 2N)
+        modes = d.shape[-1] // 2
+        dr, di = d[..., :modes], d[..., modes:]
+        sr, si = state[..., :modes], state[..., modes:]
+        real = dr * sr - di * si + u.transpose(1, 2)
+        imag = dr * si + di * sr
+        c = self.readout()
+        y = (real * c[:, :modes]).sum(-1) - (imag * c[:, modes:]).sum(-1)  # (b, H)
+        return y.unsqueeze(1) + u * self.param_D, torch.cat([real, imag], -1)
+
 
 class GSS(GatedLayer):
     """One gated layer with the DSS mixer; `reverse_seq` runs it over the flipped sequence."""
@@ -176,6 +198,13 @@ class GSS(GatedLayer):
         self.check_causal()
         h = self.norm(x)
         mixed, new_state = self.dss.step(self.to_v(h), state, pad, whole)
+        return self.gated_output(h, mixed, x), new_state
+
+    def step_one(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` for one new position (see `DSS.step_one`); x: (b, 1, dim)."""
+        self.check_causal()
+        h = self.norm(x)
+        mixed, new_state = self.dss.step_one(self.to_v(h), state, pad)
         return self.gated_output(h, mixed, x), new_state
 
 

@@ -30,6 +30,9 @@ class FamilyConfig:
     upstream_class: ClassVar[str]  # the LM class in gated_state_spaces_pytorch
     state: ClassVar[str]  # the decoder's state: "append" (a slot per token) or "replace" (fixed size)
     prefill_above: ClassVar[int] = 128  # a call of more new tokens goes through the prefill graph
+    # new tokens decoder.onnx takes per call: None (any, up to prefill_above), or 1 where the family has a
+    # one-token step (`step_one`) cheaper than its general step; the runtimes feed more one at a time
+    step_tokens: ClassVar[int | None] = None
 
     def upstream(self):
         """Upstream's eager model of this config (random weights), the reference for validation."""

@@ -53,6 +53,17 @@ class RecurrentLM(GatedLM):
         """`step` for a prompt: the same results, the convolution in the model's full-sequence form."""
         return self._advance(input_ids, pad, state, True)
 
+    def step_one(self, input_ids: torch.Tensor, pad: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`step` for exactly one new token per row, input_ids (b, 1), through the layers' `step_one`: what
+        decoder.onnx runs where the config's `step_tokens` is 1. Not in the TorchScript interface (families
+        without it would not compile), whose `step` takes any number of tokens."""
+        x = self.token_emb(input_ids)
+        new_state: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer.step_one(x, state[i], pad)
+            new_state.append(s)
+        return self.to_logits(x), new_state
+
     def _advance(self, input_ids: torch.Tensor, pad: torch.Tensor, state: list[torch.Tensor], whole: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.token_emb(input_ids)
         new_state: list[torch.Tensor] = []

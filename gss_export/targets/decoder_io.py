@@ -10,7 +10,9 @@ Two kinds of state, one per family kind (the config's `state`, `families.gated.F
   runtime starts from one padding slot.
 - "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): inputs input_ids, pad (batch,) the
   leading padding positions of each row in this call, state.i (batch, ...) of a fixed shape;
-  outputs logits and new_state.i, the whole state after the call, of the same shape.
+  outputs logits and new_state.i, the whole state after the call, of the same shape. Where the
+  family has a one-token step (GatedStateSpacesLM), decoder.onnx takes input_ids (batch, 1)
+  (`step_new_tokens`: 1) and prefill.onnx every call of more.
 
 config.json's export.decoder carries all of it, and the runtimes (Python, Node.js, C++) read it from there.
 """
@@ -66,6 +68,9 @@ def describe(config) -> dict:
     return {
         "state": kind,
         "prefill_above": above,
+        # decoder.onnx's new tokens per call where it takes a fixed number (1: the family's one-token step;
+        # prefill.onnx takes any); absent: any
+        **({"step_new_tokens": c.step_tokens} if c.step_tokens else {}),
         "inputs": [{**ids, "doc": "new tokens after the state"},
                    {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "leading padding positions of each row in this call (a ragged prompt; 0 afterwards)"},
                    *tensors(input_names(c)[2:], shapes)],
@@ -85,24 +90,28 @@ class StepGraph(nn.Module):
     """`model.step` (or `model.prefill` with `whole=True`) as a module's forward with flat outputs
     (logits, *state outputs in `output_names` order), so an exporter sees named tensors."""
 
-    def __init__(self, model: nn.Module, whole: bool = False):
+    def __init__(self, model: nn.Module, whole: bool = False, one_token: bool = False):
         super().__init__()
-        self.model, self.whole = model, whole
+        self.model, self.whole, self.one_token = model, whole, one_token
 
     def forward(self, input_ids, pad, *state):
-        advance = self.model.prefill if self.whole else self.model.step
+        advance = self.model.prefill if self.whole else self.model.step_one if self.one_token else self.model.step
         logits, *entries = advance(input_ids, pad, *state)
         return (logits, *[t for group in entries for t in group])
 
 
-def step_signature(config) -> tuple[tuple, dict]:
-    """StepGraph.forward's example inputs and their dynamic shapes (batch, new_tokens, and context for "append")."""
+def step_signature(config, one_token: bool = False) -> tuple[tuple, dict]:
+    """StepGraph.forward's example inputs and their dynamic shapes (batch, new_tokens, and context for "append");
+    one_token: new_tokens fixed at 1 (a recurrent family's `step_one`)."""
     c = config
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     new = torch.export.Dim("new_tokens", min=1, max=c.max_seq_len)
     # example sizes >= 2 and distinct, so no axis specialises or gets tied to another; distinct
     # tensors per layer, since the exporter would merge aliased inputs into one
     ids, pad = torch.zeros(2, 3, dtype=torch.long), torch.tensor([1, 0])
+    if one_token:
+        example = (ids[:, :1], pad, [torch.zeros(2, *s[1:]) for s in c.state_shapes()])
+        return example, {"input_ids": {0: batch}, "pad": {0: batch}, "state": ([{0: batch}] * c.depth,)}
     if state_kind(c) == "append":
         context = torch.export.Dim("context", min=1, max=c.max_seq_len + 1)
         example = (ids, pad, [torch.zeros(5, 2, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(5, 2, c.heads) for _ in range(c.depth)])

@@ -31,8 +31,9 @@ def build_decoder(model, *, opset: int, prefill: bool = False) -> onnx.ModelProt
     c = model.config
     if c.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
-    example, dynamic = step_signature(c)
-    target = StepGraph(model.with_conv(PREFILL_FORM if prefill else "direct"), whole=prefill).eval()
+    one_token = not prefill and c.step_tokens == 1  # the family's one-token step, (batch, 1) tokens
+    example, dynamic = step_signature(c, one_token)
+    target = StepGraph(model.with_conv(PREFILL_FORM if prefill else "direct"), whole=prefill, one_token=one_token).eval()
     # in-graph sizes in the prefill graph's conv: inferred intermediate shapes can be wrong (see onnx.trace_onnx)
     return dynamo_export(target, example, dynamic, opset=opset, inputs=input_names(c), outputs=output_names(c),
                          translation=conv_translations(c, opset) if prefill else None, drop_shapes=prefill,

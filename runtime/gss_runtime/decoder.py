@@ -237,6 +237,9 @@ class Decoder:
             self.new_names = [f"new_{name}" for name in self.past_names]
             self.state_shapes = [tuple(t["shape"][1:]) for t in spec]
         self._check_names(self.session, self.path)
+        # a decoder.onnx of a fixed one token per call (a family's one-token step): longer calls that must go
+        # through it are fed one token at a time (the export sends them to prefill.onnx by default)
+        self.one_token = self.session.get_inputs()[0].shape[1:] == [1]
         prefill = self.path.with_name(PREFILL_NAME)
         self.prefill_session = None
         if prefill.is_file() and prefill != self.path:
@@ -285,6 +288,12 @@ class Decoder:
         if whole is None:
             whole = self.prefill_session is not None and t > self.prefill_above
         if self.kind != "append":
+            if not whole and self.one_token and t > 1:
+                pieces = []
+                for j in range(t):
+                    logits, state = self.feed(ids[:, j : j + 1], state, whole=False)
+                    pieces.append(logits)
+                return np.concatenate(pieces, axis=1), state
             session = self.prefill_session if whole else self.session
             call_pad = np.minimum(state.pending, t)
             outputs = session.run(None, {"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
