@@ -23,7 +23,7 @@ Token-id prompts of random ids, greedy, streamed (with the usage chunk, whose
 - (d) the cache's bytes (its /metrics gauges, sampled after every request) against `--prefix-cache-memory`,
   and the server's resident memory.
 
-Targets (issue 27): cached TTFT at most 0.1x cold for the recurrent families, 0.2x for GatedDsConvLM; in the
+Targets: cached TTFT at most 0.1x cold for the recurrent families, 0.2x for GatedDsConvLM; in the
 conversation, prefill tokens computed with the cache about the tokens new each turn (within one turn's worth)
 and the last turn at least 5x faster than without. Writes OUT/results.json and OUT/results.md.
 """
