@@ -17,7 +17,7 @@ from typing import Literal, Optional, Union
 from ..logprobs import MAX_TOP
 from ..vocabulary import Vocabulary
 from .completions import FLOOR, Reply
-from .protocol import APIError, CompletionRequest, StreamOptions, _Strict
+from .protocol import APIError, CompletionRequest, SamplingFields, _Strict
 
 MAX_MESSAGES = 1024  # messages in one conversation; their text is bounded by the body's size limit
 
@@ -40,30 +40,13 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Strict):
-    model: Optional[str] = None
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = 1
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    # OpenAI's, honoured at their neutral values only
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    # vLLM's extras
-    top_k: Optional[int] = None
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: Optional[bool] = False
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool = True  # vLLM's extra
 
 
 def _raise(message: str):

@@ -45,10 +45,10 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(_Strict):
+class SamplingFields(_Strict):
+    """What a completion and a chat completion request share: sampling, streaming and stopping."""
+
     model: Optional[str] = None
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     n: Optional[int] = 1
@@ -58,17 +58,23 @@ class CompletionRequest(_Strict):
     seed: Optional[int] = None
     user: Optional[str] = None
     # OpenAI's, honoured at their neutral values only
-    echo: Optional[bool] = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    suffix: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
     # vLLM's extras
     top_k: Optional[int] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: Optional[bool] = False
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS
+    # OpenAI's, honoured at their neutral values only
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
 
 
 class TokenizeRequest(_Strict):
