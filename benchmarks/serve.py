@@ -83,28 +83,35 @@ def start_server(folder: Path, threads: int, max_batch: int, *options: str, read
     raise SystemExit("gss-serve did not become healthy")
 
 
-async def one_stream(http: aiohttp.ClientSession, url: str, prompt: list[int], new: int) -> dict:
-    """Send one streamed greedy completion; its token ids and the arrival time of each.
+async def streamed_events(http: aiohttp.ClientSession, url: str, body: dict) -> tuple[float, list[tuple[float, dict]], float]:
+    """POST a streamed completion; (when it was sent, [(arrival time, chunk)] for each `data: {...}` event,
+    when its last read arrived).
 
     What arrives is only timestamped while the streams run, and parsed afterwards, so that the
     client takes as little as it can of the cores it shares with the server.
     """
-    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True}
     sent, received = time.perf_counter(), []
     async with http.post(f"{url}/v1/completions", json=body) as reply:
         if reply.status != 200:
             raise SystemExit(f"the server answered {reply.status}: {await reply.text()}")
         async for data in reply.content.iter_any():
             received.append((time.perf_counter(), data))
-    arrivals, tokens, pending = [], [], b""
+    events, pending = [], b""
     for when, data in received:  # server-sent events: "data: {...}" lines; a read may end mid-line
         lines = (pending + data).split(b"\n")
         pending = lines.pop()
-        for line in lines:
-            if line.startswith(b"data: {"):
-                ids = json.loads(line[6:])["choices"][0]["token_ids"]
-                arrivals += [when] * len(ids)
-                tokens += ids
+        events += [(when, json.loads(line[6:])) for line in lines if line.startswith(b"data: {")]
+    return sent, events, received[-1][0]
+
+
+async def one_stream(http: aiohttp.ClientSession, url: str, prompt: list[int], new: int) -> dict:
+    """Send one streamed greedy completion; its token ids and the arrival time of each."""
+    sent, events, _ = await streamed_events(http, url, {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True})
+    arrivals, tokens = [], []
+    for when, chunk in events:
+        ids = chunk["choices"][0]["token_ids"]
+        arrivals += [when] * len(ids)
+        tokens += ids
     gaps = np.diff(arrivals)
     return {"tokens": tokens, "ttft": arrivals[0] - sent, "tpot": float(gaps.mean()) if len(gaps) else float("nan")}
 

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from common import cpu_name
-from serve import export, start_server
+from serve import export, start_server, streamed_events
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -58,33 +58,19 @@ MiB = 2**20
 
 
 async def ask(http: aiohttp.ClientSession, url: str, prompt: list[int], new: int) -> dict:
-    """One streamed greedy completion: its tokens, TTFT, seconds to its end, prompt and cached tokens.
-
-    Chunks are only timestamped as they arrive and parsed afterwards, so that the client takes little of
-    the cores it shares with the server."""
+    """One streamed greedy completion: its tokens, TTFT, seconds to its end, prompt and cached tokens."""
     body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    sent, received = time.perf_counter(), []
-    async with http.post(f"{url}/v1/completions", json=body) as reply:
-        if reply.status != 200:
-            raise SystemExit(f"the server answered {reply.status}: {await reply.text()}")
-        async for data in reply.content.iter_any():
-            received.append((time.perf_counter(), data))
-    tokens, first, usage, pending = [], None, None, b""
-    for when, data in received:  # server-sent events; a read may end mid-line
-        lines = (pending + data).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk["choices"]:
-                if choice["token_ids"] and first is None:
-                    first = when
-                tokens += choice["token_ids"]
-    return {"tokens": tokens, "ttft": first - sent, "seconds": received[-1][0] - sent,
+    sent, events, finished = await streamed_events(http, url, body)
+    tokens, first, usage = [], None, None
+    for when, chunk in events:
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            if choice["token_ids"] and first is None:
+                first = when
+            tokens += choice["token_ids"]
+    return {"tokens": tokens, "ttft": first - sent, "seconds": finished - sent,
             "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
