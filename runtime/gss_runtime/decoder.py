@@ -67,10 +67,10 @@ class _Slots:
     def reserve(self, slots: int, limit: int, room: int = 0) -> None:
         """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
         fewer (never past `limit`, the most slots a row can fill)."""
-        wanted = min(slots + max(room, 0), max(limit, slots))
-        if wanted > self.arrays[0].shape[0]:
-            grow = slots > self.arrays[0].shape[0] and room <= 0
-            capacity = min(max(slots, 2 * self.arrays[0].shape[0], 64), max(limit, slots)) if grow else wanted
+        capacity = min(slots + max(room, 0), max(limit, slots))
+        if capacity > self.arrays[0].shape[0]:
+            if room <= 0:  # nothing reserved: double
+                capacity = min(max(slots, 2 * self.arrays[0].shape[0], 64), max(limit, slots))
             grown = [np.empty((capacity, *a.shape[1:]), np.float32) for a in self.arrays]
             for new, old in zip(grown, self.arrays):
                 new[: self.filled] = old[: self.filled]
