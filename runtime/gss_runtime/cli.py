@@ -1,7 +1,7 @@
 """`gss-run`: generate from an exported model (or show its next-token odds), without torch.
 
 Its arguments are parsed by the standard library's argparse and its output is plain text, so the
-`gss-runtime` distribution installs numpy and onnxruntime only.
+`gss-runtime` distribution installs numpy, onnxruntime and tokenizers only (OpenVINO is an extra).
 """
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ from typing import Optional
 from .cli_support import Interrupted, guarded
 from .errors import RuntimeInputError
 from .generate import Generation, Generator, Sampling
+from .backends import BACKENDS, PRECISIONS, PROVIDERS
 from .runner import GSSRunner, check_ids
 from .tokenizer import vocabulary_for
 from .vocabulary import NoTextMapping, Vocabulary
 
 BYTE_VOCAB = 256
 
-
-PROVIDERS = ("auto", "cpu", "cuda")
 
 
 def byte_text(token: int) -> str:
@@ -128,10 +127,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", metavar="TEXT", action="append", default=[], help="stop sequence, not printed (repeatable): text, or ids:1,2")
     p.add_argument("--on-limit", metavar="stop|slide", default="stop", help="at max_seq_len: stop (default), or slide (a window, like upstream)")
     p.add_argument("--next", dest="next_tokens", metavar="N", type=_count(1), help="instead of generating, show the N most likely next tokens")
-    p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
-    p.add_argument("--threads", metavar="N", type=_count(1), help="onnxruntime intra-op threads")
+    add_backend_options(p)
     p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object instead of streaming text")
     return p
+
+
+def add_backend_options(p: argparse.ArgumentParser, per: str = "") -> None:
+    """--backend, --provider, --precision and --threads: where the graphs run (gss-run's and gss-serve's)."""
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="onnxruntime (default), or openvino (pip install \"gss-runtime[openvino]\")")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto",
+                   help="onnxruntime's: auto (default): CUDA when it really works, else CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="f32",
+                   help="f32 (default), or bf16 on OpenVINO where the export's bf16 quality check passed (gss-export --openvino)")
+    p.add_argument("--threads", metavar="N", type=_count(1), help=f"the backend's intra-op threads{per}")
 
 
 def run(
@@ -152,6 +161,8 @@ def run(
     provider: str = "auto",
     threads: Optional[int] = None,
     json_output: bool = False,
+    backend: str = "onnxruntime",
+    precision: str = "f32",
 ) -> None:
     """Generate from a prompt with the decoder with state (one position per token), or show next-token odds."""
     if prompt_ids is not None or prompt is None:
@@ -159,8 +170,9 @@ def run(
     if eos_id is not None and ignore_eos:
         raise RuntimeInputError("give --eos-id or --ignore-eos, not both")
     if next_tokens is not None:
-        return _show_next(model, prompt, prompt_ids, next_tokens, provider, threads, json_output)
-    generator = Generator(model, provider=provider, threads=threads)
+        return _show_next(model, prompt, prompt_ids, next_tokens, dict(provider=provider, threads=threads, backend=backend,
+                                                                        precision=precision), json_output)
+    generator = Generator(model, provider=provider, threads=threads, backend=backend, precision=precision)
     vocab = generator.vocabulary
     ids = parse_prompt(prompt, prompt_ids, vocab=vocab)
     # every check before anything is printed (the generator checks its options only once it starts)
@@ -224,10 +236,10 @@ def _id_pieces(generator: Generator, ids: list[int], max_new_tokens: int, outcom
         outcome += [result.tokens[0], result.stop_reasons[0], result]
 
 
-def _show_next(model: Path, prompt: Optional[str], prompt_ids: Optional[str], top: int, provider: str,
-               threads: Optional[int], json_output: bool) -> None:
-    """The `top` most likely next tokens after the prompt, from the full-sequence model."""
-    runner = GSSRunner(model, provider=provider, threads=threads)
+def _show_next(model: Path, prompt: Optional[str], prompt_ids: Optional[str], top: int, where: dict,
+               json_output: bool) -> None:
+    """The `top` most likely next tokens after the prompt, from the full-sequence model (opened as `where` says)."""
+    runner = GSSRunner(model, **where)
     vocab = vocabulary_for(runner.path.parent, runner.config["num_tokens"])
     ids = parse_prompt(prompt, prompt_ids, vocab=vocab)
     start = time.perf_counter()

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import RuntimeInputError
 from .runner import check_ids
-from .session import SPIN_ALWAYS, SPIN_NEVER, check_provider, locate, open_session, read_config
+from .session import SPIN_ALWAYS, SPIN_NEVER, locate, open_model_graph, read_config
 
 DECODER_NAME = "decoder.onnx"
 PREFILL_NAME = "prefill.onnx"
@@ -208,46 +207,49 @@ def _states(other, kind) -> list:
 
 
 class Decoder:
-    """onnxruntime sessions over `decoder.onnx` and, where exported, `prefill.onnx`.
+    """`decoder.onnx` and, where exported, `prefill.onnx`, opened on a backend (graphs `session`, `prefill_session`).
 
     model: a gss-export folder or the decoder .onnx file (prefill.onnx is looked for beside it).
-    spin: how decoder.onnx's idle threads wait. SPIN_ALWAYS (onnxruntime's default) also spins between
-    calls, the fastest when steps come back to back and nothing else runs; SPIN_IN_CALL stops at the
+    backend, provider, threads, precision: as GSSRunner's.
+    spin: how onnxruntime's idle threads wait for decoder.onnx. SPIN_ALWAYS (onnxruntime's default) also spins
+    between calls, the fastest when steps come back to back and nothing else runs; SPIN_IN_CALL stops at the
     end of each call, for a server whose event loop and clients share the cores; SPIN_NEVER.
     """
 
-    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None, spin: str = SPIN_ALWAYS):
-        check_provider(provider, threads)
+    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None, spin: str = SPIN_ALWAYS,
+                 backend: str = "onnxruntime", precision: str = "f32"):
         path = Path(model)
         self.path, config_file = locate(path, DECODER_NAME) if path.is_dir() else locate(path)
-        self.session = open_session(self.path, provider, threads, spin=spin)
-        self.providers: list[str] = self.session.get_providers()
+        self.session = open_model_graph(self.path, config_file, backend, provider, threads, spin, precision)
+        self.backend, self.precision = backend, precision
+        self.providers: list[str] = self.session.devices
         self.config: dict = read_config(self.path, config_file, self.session)
         depth = self.config["depth"]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.kind = json.loads(meta.get("gss_export.state", '"append"'))
+        meta = lambda key, default: self.session.meta(key) or default  # noqa: E731
+        self.kind = json.loads(meta("gss_export.state", '"append"'))
         # more new tokens than this go to prefill.onnx: the family's measured crossover, as the export recorded it
-        self.prefill_above = int(json.loads(meta.get("gss_export.prefill_above", str(PREFILL_ABOVE))))
+        self.prefill_above = int(json.loads(meta("gss_export.prefill_above", str(PREFILL_ABOVE))))
         if self.kind == "append":
             self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
             self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
         else:  # names and fixed shapes as the export wrote them down
-            spec = json.loads(meta.get("gss_export.inputs", "[]"))[2:]
+            spec = json.loads(meta("gss_export.inputs", "[]"))[2:]
             self.past_names = [t["name"] for t in spec]
             self.new_names = [f"new_{name}" for name in self.past_names]
             self.state_shapes = [tuple(t["shape"][1:]) for t in spec]
         self._check_names(self.session, self.path)
         # a decoder.onnx of a fixed one token per call (a family's one-token step): longer calls that must go
         # through it are fed one token at a time (the export sends them to prefill.onnx by default)
-        self.one_token = self.session.get_inputs()[0].shape[1:] == [1]
+        self.one_token = self.session.inputs[0][1][1:] == [1]
         prefill = self.path.with_name(PREFILL_NAME)
         self.prefill_session = None
         if prefill.is_file() and prefill != self.path:
-            self.prefill_session = open_session(prefill, provider, threads, spin=SPIN_NEVER if spin == SPIN_ALWAYS else spin)
+            self.prefill_session = open_model_graph(prefill, config_file, backend, provider, threads,
+                                                    SPIN_NEVER if spin == SPIN_ALWAYS else spin, precision)
             self._check_names(self.prefill_session, prefill)
 
     def _check_names(self, session, path: Path) -> None:
-        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        names = (session.input_names, session.output_names)
         if names != (["input_ids", "pad", *self.past_names], ["logits", *self.new_names]):
             raise RuntimeInputError(
                 f"{path} is not a gss-export decoder with state for this config: found inputs {names[0]} "
@@ -296,7 +298,7 @@ class Decoder:
                 return np.concatenate(pieces, axis=1), state
             session = self.prefill_session if whole else self.session
             call_pad = np.minimum(state.pending, t)
-            outputs = session.run(None, {"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
+            outputs = session.run({"input_ids": ids, "pad": call_pad, **dict(zip(self.past_names, state.arrays))})
             return outputs[0], RecurrentState(state.pending - call_pad, state.tokens + t - call_pad, outputs[1:])
         if int(state.tokens.max()) + t > limit:
             raise RuntimeInputError(f"the sequence would exceed max_seq_len {limit}")
@@ -309,16 +311,9 @@ class Decoder:
         # the past goes in as views of the buffers and the graph writes the new entries straight into
         # their slots: nothing that grows with the context is copied
         session = self.prefill_session if whole else self.session
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("pad", state.pad)
-        for name, past in zip(self.past_names, slots.arrays):
-            binding.bind_cpu_input(name, past[: state.length])
-        binding.bind_output("logits")
-        for name, buffer in zip(self.new_names, slots.arrays):
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buffer[state.length : state.length + t]))
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy(), DecoderState(state.pad, state.length + t, slots)
+        feeds = {"input_ids": ids, "pad": state.pad, **{name: past[: state.length] for name, past in zip(self.past_names, slots.arrays)}}
+        into = {name: buffer[state.length : state.length + t] for name, buffer in zip(self.new_names, slots.arrays)}
+        return session.run_into(feeds, into), DecoderState(state.pad, state.length + t, slots)
 
     def prefill(self, prompts: Sequence[Sequence[int]], every: bool = False, room: int = 0) -> tuple[np.ndarray, DecoderState]:
         """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state,

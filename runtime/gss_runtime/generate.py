@@ -112,10 +112,12 @@ class Generator:
 
     Prompts are ids, or text for a model with text: its export's tokenizer (`gss-export --tokenizer`),
     or UTF-8 bytes for a byte-level model. `vocabulary` maps between the two.
+    provider, threads, backend, precision: as Decoder's.
     """
 
-    def __init__(self, model, provider: str = "auto", threads: int | None = None):
-        self.decoder = Decoder(model, provider=provider, threads=threads)
+    def __init__(self, model, provider: str = "auto", threads: int | None = None, backend: str = "onnxruntime",
+                 precision: str = "f32"):
+        self.decoder = Decoder(model, provider=provider, threads=threads, backend=backend, precision=precision)
         self.config = self.decoder.config
         self.vocabulary = vocabulary_for(self.decoder.path.parent, self.config["num_tokens"])
         files = getattr(self.vocabulary, "files", None)

@@ -1,6 +1,6 @@
-"""Run an exported gated-state-spaces LM (any of the three families) with onnxruntime: input_ids (batch, seq) int64 -> logits (batch, seq, num_tokens).
+"""Run an exported gated-state-spaces LM (any of the three families): input_ids (batch, seq) int64 -> logits (batch, seq, num_tokens).
 
-Torch-free on purpose: numpy and onnxruntime only, so a deployment needs neither torch nor gss_export.
+Torch-free on purpose: numpy and a backend (onnxruntime, or OpenVINO), so a deployment needs neither torch nor gss_export.
 """
 from __future__ import annotations
 
@@ -10,32 +10,33 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RuntimeInputError
-from .session import check_provider, locate, open_session, read_config
+from .session import locate, open_model_graph, read_config
 
 
 class GSSRunner:
-    """An onnxruntime session over `model.onnx`, with its config and input checks.
+    """`model.onnx` opened on a backend, with its config and input checks.
 
     model: a folder written by `gss-export` (model.onnx + config.json) or a .onnx file.
-    provider: "auto" (CUDA when it really works, else CPU), "cpu", or "cuda" (CUDA or an error).
-    threads: onnxruntime intra-op threads (default: onnxruntime's choice).
-    Attributes: `path` (the .onnx file), `config` (dict of CONFIG_KEYS), `providers` (what the session uses).
+    provider: onnxruntime's "auto" (CUDA when it really works, else CPU), "cpu", or "cuda" (CUDA or an error).
+    threads: the backend's intra-op threads (default: its own choice).
+    backend: "onnxruntime" (default) or "openvino"; precision: "f32", or "bf16" (OpenVINO, where checked).
+    Attributes: `path` (the .onnx file), `config` (dict of CONFIG_KEYS), `graph` (backends.Graph),
+    `providers` (what runs it).
     """
 
-    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None):
-        check_provider(provider, threads)
+    def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+                 backend: str = "onnxruntime", precision: str = "f32"):
         self.path, config_file = locate(Path(model))
-        self.session = open_session(self.path, provider, threads)
-        self.providers: list[str] = self.session.get_providers()
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
+        self.graph = open_model_graph(self.path, config_file, backend, provider, threads, precision=precision)
+        self.providers: list[str] = self.graph.devices
+        inputs, outputs = self.graph.input_names, self.graph.output_names
         if inputs != ["input_ids"] or "logits" not in outputs:
             raise RuntimeInputError(
                 f"{self.path} is not a gss-export model: expected input 'input_ids' and output 'logits', "
                 f"found inputs {inputs} and outputs {outputs}"
             )
-        self.config: dict = read_config(self.path, config_file, self.session)
-        width = self.session.get_outputs()[outputs.index("logits")].shape[-1]
+        self.config: dict = read_config(self.path, config_file, self.graph)
+        width = self.graph.outputs[outputs.index("logits")][1][-1]
         if isinstance(width, int) and width != self.config["num_tokens"]:
             raise RuntimeInputError(f"config says num_tokens={self.config['num_tokens']} but {self.path.name} gives {width} logits")
 
@@ -45,14 +46,14 @@ class GSSRunner:
         A 1-D input is one sequence: the result still has a batch axis of 1.
         """
         ids = self._checked(input_ids)
-        return self.session.run(["logits"], {"input_ids": ids})[0]
+        return self.graph.run({"input_ids": ids})[0]
 
     def next_token_distribution(self, ids, top: int = 5) -> list[tuple[int, float]]:
         """ids (seq,) -> the `top` most likely next tokens as (token_id, probability), most likely first."""
         if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1:
             raise RuntimeInputError(f"top must be a positive integer, got {top!r}")
         batch = self._checked(ids, one_sequence=True)
-        last = self.session.run(["logits"], {"input_ids": batch})[0][0, -1].astype(np.float64)
+        last = self.graph.run({"input_ids": batch})[0][0, -1].astype(np.float64)
         probs = np.exp(last - last.max())  # shifted by the max: exp cannot overflow
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top]  # ties: lower id first

@@ -1,20 +1,15 @@
-"""Opening an exported model with onnxruntime: locating files, reading the config, choosing providers.
+"""Opening an exported model: locating its files, reading its config, opening a graph on a backend.
 
-Torch-free: numpy and onnxruntime only.
+Torch-free: the backends (`backends/`) bring their engines.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-import tempfile
 from pathlib import Path
 
-import onnxruntime as ort
-
+from .backends import (BACKENDS, PRECISIONS, PROVIDERS, SPIN_ALWAYS, SPIN_IN_CALL, SPIN_NEVER, Graph, check_backend,
+                       open_graph)
 from .errors import RuntimeInputError
-from .int8_cpu import guard
 
 MODEL_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
@@ -26,15 +21,7 @@ FAMILY_KEYS = {
     "gss": ("dss_kernel_N", "dss_kernel_H", "dss_kernel_lambda_imag_exp"),
     "mhesa": ("heads", "dim_mhesa"),
 }
-PROVIDERS = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-
-
-def check_provider(provider: str, threads: int | None) -> None:
-    if provider not in PROVIDERS:
-        raise RuntimeInputError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
 
 
 def locate(model: Path, name: str = MODEL_NAME) -> tuple[Path, Path | None]:
@@ -59,7 +46,7 @@ def locate(model: Path, name: str = MODEL_NAME) -> tuple[Path, Path | None]:
     return model, None
 
 
-def read_config(path: Path, config_file: Path | None, session: ort.InferenceSession) -> dict:
+def read_config(path: Path, config_file: Path | None, graph: Graph) -> dict:
     if config_file is not None:
         source = str(config_file)
         try:
@@ -68,7 +55,7 @@ def read_config(path: Path, config_file: Path | None, session: ort.InferenceSess
             raise RuntimeInputError(f"cannot read {config_file}: {e}") from None
     else:
         source = f"the metadata of {path}"
-        raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        raw = graph.meta(META_KEY)
         if raw is None:
             raise RuntimeInputError(
                 f"{path} has no {META_KEY} metadata and no {CONFIG_NAME} beside it; export it with gss-export"
@@ -89,95 +76,41 @@ def read_config(path: Path, config_file: Path | None, session: ort.InferenceSess
     return {"family": family, **{k: config[k] for k in keys}}
 
 
-# how a session's idle threads wait: spinning between calls too (onnxruntime's default), spinning
-# between the operators of a call only (they stop when it returns), or never
-SPIN_ALWAYS, SPIN_IN_CALL, SPIN_NEVER = "always", "in_call", "never"
-
-
-def _options(threads: int | None, quiet: bool = False, spin: str = SPIN_ALWAYS) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    if spin == SPIN_NEVER:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    elif spin == SPIN_IN_CALL:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if quiet:
-        options.log_severity_level = 3  # errors only: the probe's provider-fallback warnings are expected
-    return guard(options)  # int8 exports ranged for VNNI stay exact on CPUs without it
-
-
-def _session(path: Path, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeInputError(f"{path} is not a loadable ONNX model: {message}") from None
-
-
-def open_session(path: Path, provider: str, threads: int | None, spin: str = SPIN_ALWAYS) -> ort.InferenceSession:
-    """An onnxruntime session on `provider`. spin: SPIN_NEVER for a graph called now and then (a prompt)
-    beside one called back to back (the steps), whose threads would otherwise compete with the
-    spinning ones on a small machine; SPIN_IN_CALL where other work shares the cores between calls."""
-    if provider == "cpu":
-        return _session(path, [CPU], _options(threads, spin=spin))
-    if CUDA not in ort.get_available_providers():
-        if provider == "cuda":
-            raise RuntimeInputError(
-                f"CUDA was requested but this onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use provider cpu"
-            )
-        return _session(path, [CPU], _options(threads, spin=spin))
-    # onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries, then silently falls back to CPU:
-    # only the created session says what it really uses.
-    log, session = _capturing_stderr(lambda: _session(path, [CUDA, CPU], _options(threads, quiet=True, spin=spin)))
-    if isinstance(session, ort.InferenceSession) and CUDA in session.get_providers():
-        return session
-    if provider == "auto":
-        return session if isinstance(session, ort.InferenceSession) else _session(path, [CPU], _options(threads, spin=spin))
-    if not isinstance(session, ort.InferenceSession):
-        _session(path, [CPU], _options(threads, spin=spin))  # raises if the model itself is bad, so CUDA is not blamed
-        log = f"{log}\n{session}"
-    raise RuntimeInputError(
-        f"CUDA was requested but onnxruntime cannot use it: {_cuda_reason(log)}; "
-        f"use provider cpu or auto, or install the CUDA libraries onnxruntime-gpu {ort.__version__} needs"
-    )
-
-
-def _capturing_stderr(make):
-    """(text written to fd 2, make() or the exception it raised): onnxruntime's C++ logger bypasses sys.stderr."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable fd 2 (e.g. some embedded interpreters): nothing to capture
-        saved = None
-    with tempfile.TemporaryFile() as sink:
-        if saved is not None:
-            os.dup2(sink.fileno(), 2)
+def check_precision(backend: str, precision: str, config_file: Path | None) -> None:
+    """bf16 only where the export's own quality check measured it and it passed (config.json's
+    `backends.openvino.bf16`, written by `gss-export --openvino`); otherwise a message that says why."""
+    if backend != "openvino" or precision == "f32":
+        return
+    record = None
+    if config_file is not None:
         try:
-            result = make()
-        except Exception as e:
-            result = e
-        finally:
-            sys.stderr.flush()
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-        sink.seek(0)
-        return sink.read().decode(errors="replace"), result
+            record = ((json.loads(config_file.read_text()).get("backends") or {}).get("openvino") or {}).get("bf16")
+        except (OSError, ValueError, AttributeError):
+            record = None
+    if not isinstance(record, dict):
+        raise RuntimeInputError(
+            "bf16 has not been checked for this export, so how far it strays from float32 is unknown: re-export with "
+            "`gss-export CKPT --output DIR --openvino` (it measures top-1 agreement and KL on held-out text), or use precision f32"
+        )
+    if not record.get("ok"):
+        why = "; ".join(record.get("failures") or []) or "it did not pass"
+        raise RuntimeInputError(f"bf16 failed this export's quality check ({why}); use precision f32")
 
 
-def _cuda_reason(log: str) -> str:
-    """The useful part of onnxruntime's CUDA-provider failure log, e.g. the missing library and required versions."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", log)
-    parts = []
-    missing = re.search(r"with error: ([^\n]+)", text)
-    if missing:
-        parts.append(missing.group(1).strip())
-    needs = re.search(r"Require ([^\n]+?)\. Please", text)
-    if needs:
-        parts.append(f"it requires {needs.group(1)}")
-    if not parts:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        parts.append(lines[-1][-300:] if lines else "the session fell back to CPU (no GPU, or CUDA/cuDNN libraries missing)")
-    return "; ".join(parts)
+def open_model_graph(path: Path, config_file: Path | None, backend: str = "onnxruntime", provider: str = "auto",
+                     threads: int | None = None, spin: str = SPIN_ALWAYS, precision: str = "f32") -> Graph:
+    """`path` on `backend` after every check of the request (backend, provider, precision, bf16's record)."""
+    check_backend(backend, provider, threads, precision)
+    check_precision(backend, precision, config_file)
+    return open_graph(path, backend, provider, threads, spin, precision)
+
+
+def open_session(path: Path, provider: str, threads: int | None, spin: str = SPIN_ALWAYS):
+    """An onnxruntime session on `provider` (backends.onnxruntime.open_session)."""
+    from .backends.onnxruntime import open_session as ort_session
+
+    return ort_session(path, provider, threads, spin)
+
+
+__all__ = ["BACKENDS", "PRECISIONS", "PROVIDERS", "SPIN_ALWAYS", "SPIN_IN_CALL", "SPIN_NEVER", "check_precision", "locate",
+           "open_model_graph", "open_session", "read_config"]

@@ -42,14 +42,17 @@ class ModelHost:
     """One exported model behind the server: its engine once loaded, or why it could not be.
 
     model: a gss-export folder (decoder.onnx, prefill.onnx, config.json); name: what clients call it
-    (the folder's name by default); eos_id: a token that ends a completion unless `ignore_eos`.
+    (the folder's name by default); eos_id: a token that ends a completion unless `ignore_eos`;
+    provider, threads, backend, precision: where the graphs run, as Decoder's.
     """
 
     def __init__(self, model: str | Path, name: str | None = None, provider: str = "auto", threads: int | None = None,
+                 backend: str = "onnxruntime", precision: str = "f32",
                  max_batch: int = 32, max_queue: int = 256, eos_id: int | None = None, max_prefill_tokens: int = 1024,
                  state_memory: int | str | None = "auto", prefix_cache_memory: int | str | None = DEFAULT_CAPACITY):
         self.model, self.name = Path(model), name or Path(model).resolve().name
         self.provider, self.threads, self.max_batch, self.max_queue, self.eos_id = provider, threads, max_batch, max_queue, eos_id
+        self.backend, self.precision = backend, precision
         self.max_prefill_tokens = max_prefill_tokens
         # bytes of decoder state for running requests; "auto": budget.DEFAULT_SHARE of the memory available now
         self.state_memory = default_budget() if state_memory == "auto" else state_memory
@@ -73,7 +76,8 @@ class ModelHost:
         # threads that spin between steps take the cores the event loop and the clients need (one stream's
         # time per token: 5.3 ms; never spinning, 2.2 ms, but each operator then waits for its threads to wake:
         # a batch of 16 stepped in 4.4 ms against 3.4); spinning within each call only has the best of both
-        decoder = Decoder(self.model, provider=self.provider, threads=self.threads, spin=SPIN_IN_CALL)
+        decoder = Decoder(self.model, provider=self.provider, threads=self.threads, spin=SPIN_IN_CALL, backend=self.backend,
+                          precision=self.precision)
         if self.eos_id is not None and not 0 <= self.eos_id < decoder.config["num_tokens"]:
             raise RuntimeInputError(f"--eos-id {self.eos_id} is out of range [0, {decoder.config['num_tokens']})")
         # text through the export's tokenizer when it has one (else bytes, or ids only); its end-of-text token

@@ -6,11 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import PROVIDERS, _count, _number
+from ..backends import check_backend
+from ..cli import _count, _number, add_backend_options
 from ..cli_support import guarded
 from ..decoder import DECODER_NAME
 from ..errors import RuntimeInputError
-from ..session import locate
+from ..session import check_precision, locate
 from . import guard as limits
 from .http_limits import uvicorn_settings
 from .budget import DEFAULT_SHARE, available_memory, format_size, parse_size
@@ -36,8 +37,7 @@ def parser() -> argparse.ArgumentParser:
                         "(a chat's next turn) computes only the rest; the least recently used go past SIZE, a budget apart "
                         f"from --state-memory (default {format_size(DEFAULT_CAPACITY)}; off: no cache)")
     p.add_argument("--no-prefix-cache", action="store_true", help="keep no states: every prompt is computed whole")
-    p.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (default): CUDA when it really works, else CPU")
-    p.add_argument("--threads", type=_count(1), help="onnxruntime intra-op threads (per replica)")
+    add_backend_options(p, per=" (per replica)")
     p.add_argument("--name", help="the model's id in the API (default: the folder's name)")
     p.add_argument("--eos-id", type=int, help="a token that ends a completion (not returned), unless a request sets ignore_eos")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -114,9 +114,12 @@ def guard_of(args: argparse.Namespace, environ=None) -> limits.GuardOptions:
 
 
 def run(args: argparse.Namespace) -> None:
-    locate(args.model, DECODER_NAME)  # a wrong path fails here, before anything listens
+    _, config_file = locate(args.model, DECODER_NAME)  # a wrong path fails here, before anything listens
+    check_backend(args.backend, args.provider, args.threads, args.precision)  # and so does a backend it cannot have
+    check_precision(args.backend, args.precision, config_file)
     guard = guard_of(args)  # so does a key file that cannot be read
-    options = dict(name=args.name, provider=args.provider, threads=args.threads, max_batch=args.max_batch,
+    options = dict(name=args.name, provider=args.provider, threads=args.threads, backend=args.backend, precision=args.precision,
+                   max_batch=args.max_batch,
                    max_queue=args.max_queue, eos_id=args.eos_id, max_prefill_tokens=args.max_prefill_tokens,
                    state_memory=args.state_memory,  # "auto" is worked out where the engine runs (each Ray replica)
                    prefix_cache_memory="off" if args.no_prefix_cache else args.prefix_cache_memory)

@@ -45,7 +45,7 @@ SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_p
 logger = logging.getLogger("ray.serve")
 
 # ModelHost's options a replica takes, and their command-line spelling for `serve run ... key=value`
-OPTIONS = {"name": str, "provider": str, "threads": int, "max_batch": int, "max_queue": int, "eos_id": int,
+OPTIONS = {"name": str, "provider": str, "threads": int, "backend": str, "precision": str, "max_batch": int, "max_queue": int, "eos_id": int,
            "max_prefill_tokens": int, "state_memory": lambda text: text if text in ("auto", None) else
            None if text == "off" else text if isinstance(text, int) else parse_size(str(text)),
            "prefix_cache_memory": lambda text: "off" if text in (None, "off") else text if isinstance(text, int) else
