@@ -87,11 +87,12 @@ def export(
     quantize: Optional[Quantize] = typer.Option(None, "--quantize", help="ONNX: int8 weights, activations quantized at run time (onnxruntime's tools)"),
     int8_activations: Int8Activations = typer.Option(Int8Activations.auto, "--int8-activations", help="auto: one scale per tensor where that is accurate, per row elsewhere; per-row / per-tensor: one kind everywhere"),
     int8_cpu: Int8Cpu = typer.Option(Int8Cpu.auto, "--int8-cpu", help="int8 weight range for the CPU that will run it: vnni (full), avx2 ([-64, 64], no int16 overflow without VNNI); auto: this machine's"),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="fp16/int8: least top-1 agreement with float32 eager on held-out text (default 0.99 / 0.95)"),
-    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8: largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.02)"),
-    heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8: text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0.0, max=1.0, help="fp16/int8 (and --openvino's bf16): least top-1 agreement with float32 eager on held-out text (default 0.99 / 0.95)"),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", min=0.0, help="fp16/int8 (and --openvino's bf16): largest mean KL divergence from float32 eager, nats (default 1e-3 / 0.02)"),
+    heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8 (and --openvino's bf16): text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="a Hugging Face tokenizer.json, or the folder holding it with tokenizer_config.json and special_tokens_map.json: copied into the export, so every runtime takes and gives text"),
-    heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8: held-out window length (capped at max_seq_len)"),
+    heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8 (and --openvino's bf16): held-out window length (capped at max_seq_len)"),
+    openvino: bool = typer.Option(False, "--openvino", help="ONNX: also check the export on OpenVINO: f32 against eager like onnxruntime, and bf16 on held-out text (top-1, KL; --min-top1, --max-kl, --heldout-text apply), recorded so gss-run/gss-serve offer --precision bf16 only where it passed"),
 ) -> None:
     """Export a gated-state-spaces LM checkpoint to ONNX, TorchScript, torch.export or AOTInductor, dynamic in batch and length, validated against eager PyTorch."""
     args = dict(locals())
@@ -106,7 +107,7 @@ def export(
 
 def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol, atol, batch_sizes, lengths, external_data,
             decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl,
-            heldout_text, heldout_length, tokenizer, written) -> None:
+            heldout_text, heldout_length, tokenizer, openvino, written) -> None:
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -116,7 +117,8 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
         # typer's bounds let nan through, and a nan or negative tolerance fails (inf passes) every check
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise GSSExportError(f"{flag} must be a finite number of at least 0, got {value}")
-    kind = _variant_kind(dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl, heldout_text, rtol, atol)
+    kind = _variant_kind(dtype, quantize, int8_activations, int8_cpu, min_top1 if not openvino else None,
+                         max_kl if not openvino else None, heldout_text if not openvino else None, rtol, atol)
     batches = _int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCHES)
     picked_lengths = _int_list(lengths, "--lengths") or list(DEFAULT_LENGTHS)
     _signal_at("load")
@@ -136,6 +138,14 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
         # export_model checks the request (format, options) before it builds anything
         variant = VariantRequest(kind, quality_for(kind, min_top1, max_kl), text, heldout_length, int8_activations.value,
                                  int8_cpu.value)
+    openvino_request = None
+    if openvino:
+        from .backend_check import OpenVinoRequest
+        from .tolerances import quality_for
+        from .variants.quality import heldout
+
+        text = heldout(cfg.num_tokens, heldout_text) if heldout_text is not None else None
+        openvino_request = OpenVinoRequest(text, quality_for("bf16", min_top1, max_kl), heldout_length)
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -152,7 +162,7 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
                 loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
                 tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
                 external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
-                variant=variant, on_progress=on_progress, tokenizer=tokenizer,
+                variant=variant, on_progress=on_progress, tokenizer=tokenizer, openvino=openvino_request,
             )
             written.append(True)
         except ValidationFailed as e:
@@ -163,6 +173,8 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
     for report in (result.report, result.decoder_report):
         if report is not None:
             _print_report(report)
+    if result.openvino is not None:
+        _print_openvino(result.openvino)
     settings = result.settings
     if variant is not None:
         from .variants.request import describe
@@ -243,6 +255,18 @@ def _print_quality(report) -> None:
     table.add_row(f"{report.windows}x{report.window}", f"{report.top1:.4f}>={t.min_top1:g}", f"{report.kl:.1e}<={t.max_kl:g}",
                   f"{report.kl_max:.1e}", f"{report.bytes / 1e6:.2f}", f"{report.size_ratio:.2f}x", "[green]ok[/]" if report.ok else "[red]FAIL[/]")
     out.print(table)
+
+
+def _print_openvino(checked) -> None:
+    """The f32 parity tables, the bf16 quality rows, and whether bf16 is offered."""
+    for report in (checked.forward, checked.decoder, *checked.bf16):
+        if report is not None:
+            _print_report(report)
+    if checked.bf16_ok:
+        out.print("[green]bf16 on OpenVINO passed its quality bar[/]: gss-run/gss-serve --backend openvino --precision bf16")
+    else:
+        why = checked.record()["bf16"]["failures"]
+        out.print(f"[yellow]bf16 on OpenVINO is not offered[/] for this export: {'; '.join(why)}", highlight=False)
 
 
 def _typer_usage(e: Exception) -> int | None:

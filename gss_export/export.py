@@ -19,6 +19,7 @@ from .tolerances import Tolerance, tolerance_for
 from .validation import ValidationReport, default_shapes, validate_decoder, validate_forward
 
 if TYPE_CHECKING:  # the request brings its own saving and checking: export never imports the variants
+    from .backend_check import OpenVinoCheck, OpenVinoRequest
     from .variants.request import VariantRequest
 
 # (stage, done, total, label): stage is "export", "validate", "decoder" (or a variant's checks), then "publish"
@@ -33,6 +34,7 @@ class ExportResult:
     report: ValidationReport | None
     decoder_report: ValidationReport | None = None
     notes: list[str] = field(default_factory=list)
+    openvino: OpenVinoCheck | None = None  # the export checked on OpenVINO (openvino=...)
 
 
 def export_model(
@@ -51,6 +53,7 @@ def export_model(
     source: dict | None = None,
     on_progress: StageProgress | None = None,
     tokenizer: str | Path | None = None,
+    openvino: OpenVinoRequest | None = None,
 ) -> ExportResult:
     """Export `model` as `fmt` into `out_dir`; raises ValidationFailed (with `.report`) on a mismatch.
 
@@ -60,15 +63,19 @@ def export_model(
     `tokenizer`: a Hugging Face tokenizer.json, or a folder holding it with tokenizer_config.json and
     special_tokens_map.json: copied beside the model and recorded in config.json (refused when its
     vocabulary does not fit num_tokens).
+    `openvino` (ONNX, float32): also checked on OpenVINO, f32 against eager (a mismatch fails the export like
+    onnxruntime's) and bf16 on held-out text (recorded in config.json's `backends`, which the runtimes read).
     """
     progress = on_progress or (lambda *_: None)
     tokenizer_files = _tokenizer(tokenizer, model.config.num_tokens) if tokenizer is not None else None
     if variant is not None:
         variant.prepare(fmt, model, validate)  # bad requests fail before anything is built
+    if openvino is not None:
+        openvino.prepare(fmt, model, validate, variant)
     tolerance = tolerance or tolerance_for(fmt)
     shapes = list(shapes) if shapes is not None else default_shapes(model.config.max_seq_len)
     config = model.config.to_dict()
-    report = decoder_report = None
+    report = decoder_report = checked = None
     if fmt not in TARGETS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     target = TARGETS[fmt]
@@ -92,12 +99,13 @@ def export_model(
                 stepper, name = incremental
                 decoder_report = validate_decoder(stepper, str(Path(out_dir) / name), model, tolerance,
                                                   lambda i, n, label: progress("decoder", i, n, label))
-            for checked in (report, decoder_report):
-                if checked is not None and not checked.ok:
-                    raise ValidationFailed(
-                        f"{Path(checked.artifact).name} disagrees with eager PyTorch in {len(checked.failures)} check(s); "
-                        f"nothing was written to {out_dir}", report=checked,
-                    )
+            _raise_on_failure(report, decoder_report, out_dir=out_dir)
+            if openvino is not None:
+                from .backend_check import check_openvino
+
+                checked = check_openvino(staging, Path(out_dir), model, shapes, tolerance, decoder, openvino.heldout,
+                                         openvino.threshold, openvino.window, progress)
+                _raise_on_failure(checked.forward, checked.decoder, out_dir=out_dir, where=" on OpenVINO f32")
         if tokenizer_files is not None:
             for name, path in tokenizer_files.files.items():
                 shutil.copyfile(path, staging / name)
@@ -108,10 +116,21 @@ def export_model(
             "source": source or {},
             "validation": report.to_dict() if report else None,
             "decoder_validation": decoder_report.to_dict() if decoder_report else None,
+            "backends": {"openvino": checked.record()} if checked is not None else {},
         })
         files = sorted(p.name for p in staging.iterdir())
         progress("publish", 0, 1, f"writing {out_dir}")
-    return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report, decoder_report=decoder_report)
+    return ExportResult(out_dir=Path(out_dir), files=files, settings=settings, report=report, decoder_report=decoder_report,
+                        openvino=checked)
+
+
+def _raise_on_failure(*reports: ValidationReport | None, out_dir, where: str = "") -> None:
+    for checked in reports:
+        if checked is not None and not checked.ok:
+            raise ValidationFailed(
+                f"{Path(checked.artifact.split(' on ')[0]).name}{where} disagrees with eager PyTorch in {len(checked.failures)} "
+                f"check(s); nothing was written to {out_dir}", report=checked,
+            )
 
 
 def _tokenizer(path: str | Path, num_tokens: int):

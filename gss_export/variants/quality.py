@@ -164,20 +164,20 @@ def measure(run: Callable[[np.ndarray], np.ndarray], want: np.ndarray, batch: np
     return report
 
 
-def model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """ids (length,) -> logits (length, vocab) through model.onnx on onnxruntime's CPU provider, opened as
-    the runtime opens it (its int8 guard included)."""
-    from gss_runtime.session import open_session
+def model_runner(path: Path, backend: str = "onnxruntime", precision: str = "f32") -> Callable[[np.ndarray], np.ndarray]:
+    """ids (length,) -> logits (length, vocab) through model.onnx on the CPU, opened as the runtime opens it
+    (onnxruntime's int8 guard included; OpenVINO at `precision`)."""
+    from gss_runtime.backends import open_graph
 
-    session = open_session(path, "cpu", None)
-    return lambda ids: session.run(["logits"], {"input_ids": ids[None]})[0][0]
+    graph = open_graph(path, backend, "cpu", precision=precision)
+    return lambda ids: graph.run({"input_ids": ids[None]})[0][0]
 
 
-def decoder_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def decoder_runner(path: Path, backend: str = "onnxruntime", precision: str = "f32") -> Callable[[np.ndarray], np.ndarray]:
     """ids (length,) -> logits (length, vocab) through decoder.onnx (gss_runtime): chunks, then single steps."""
     from gss_runtime.decoder import PREFILL_CHUNK, Decoder
 
-    decoder = Decoder(path, provider="cpu")
+    decoder = Decoder(path, provider="cpu", backend=backend, precision=precision, measuring=True)
 
     def run(ids: np.ndarray) -> np.ndarray:
         state = decoder.empty_state([0])

@@ -210,17 +210,18 @@ class Decoder:
     """`decoder.onnx` and, where exported, `prefill.onnx`, opened on a backend (graphs `session`, `prefill_session`).
 
     model: a gss-export folder or the decoder .onnx file (prefill.onnx is looked for beside it).
-    backend, provider, threads, precision: as GSSRunner's.
+    backend, provider, threads, precision: as GSSRunner's; measuring=True skips bf16's quality record (for
+    gss-export's check that measures what the record will say).
     spin: how onnxruntime's idle threads wait for decoder.onnx. SPIN_ALWAYS (onnxruntime's default) also spins
     between calls, the fastest when steps come back to back and nothing else runs; SPIN_IN_CALL stops at the
     end of each call, for a server whose event loop and clients share the cores; SPIN_NEVER.
     """
 
     def __init__(self, model: str | os.PathLike, provider: str = "auto", threads: int | None = None, spin: str = SPIN_ALWAYS,
-                 backend: str = "onnxruntime", precision: str = "f32"):
+                 backend: str = "onnxruntime", precision: str = "f32", measuring: bool = False):
         path = Path(model)
         self.path, config_file = locate(path, DECODER_NAME) if path.is_dir() else locate(path)
-        self.session = open_model_graph(self.path, config_file, backend, provider, threads, spin, precision)
+        self.session = open_model_graph(self.path, config_file, backend, provider, threads, spin, precision, measuring)
         self.backend, self.precision = backend, precision
         self.providers: list[str] = self.session.devices
         self.config: dict = read_config(self.path, config_file, self.session)
@@ -245,7 +246,7 @@ class Decoder:
         self.prefill_session = None
         if prefill.is_file() and prefill != self.path:
             self.prefill_session = open_model_graph(prefill, config_file, backend, provider, threads,
-                                                    SPIN_NEVER if spin == SPIN_ALWAYS else spin, precision)
+                                                    SPIN_NEVER if spin == SPIN_ALWAYS else spin, precision, measuring)
             self._check_names(self.prefill_session, prefill)
 
     def _check_names(self, session, path: Path) -> None:

@@ -98,10 +98,13 @@ def check_precision(backend: str, precision: str, config_file: Path | None) -> N
 
 
 def open_model_graph(path: Path, config_file: Path | None, backend: str = "onnxruntime", provider: str = "auto",
-                     threads: int | None = None, spin: str = SPIN_ALWAYS, precision: str = "f32") -> Graph:
-    """`path` on `backend` after every check of the request (backend, provider, precision, bf16's record)."""
+                     threads: int | None = None, spin: str = SPIN_ALWAYS, precision: str = "f32",
+                     measuring: bool = False) -> Graph:
+    """`path` on `backend` after every check of the request (backend, provider, precision, and bf16's quality
+    record unless `measuring` it)."""
     check_backend(backend, provider, threads, precision)
-    check_precision(backend, precision, config_file)
+    if not measuring:
+        check_precision(backend, precision, config_file)
     return open_graph(path, backend, provider, threads, spin, precision)
 
 

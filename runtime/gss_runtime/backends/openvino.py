@@ -57,6 +57,7 @@ class OpenVinoGraph(Graph):
     backend = "openvino"
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "f32"):
+        require()
         if precision not in HINTS:
             raise RuntimeInputError(f"unknown precision {precision!r}; choose one of {', '.join(HINTS)}")
         if precision == "bf16" and not has_bf16():
