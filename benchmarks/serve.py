@@ -1,7 +1,8 @@
 """gss-serve under load: concurrent streams against the same requests served one after another.
 
     python benchmarks/serve.py [--concurrency 1,4,16,64] [--prompt-tokens 64] [--new-tokens 128]
-                               [--threads 2] [--family dsconv|gss|mhesa] [--repeats 3] [--out benchmarks/results/serve]
+                               [--threads 2] [--family dsconv|gss|mhesa] [--repeats 3] [--backend onnxruntime|openvino]
+                               [--out benchmarks/results/serve]
     python benchmarks/serve.py --prefix [options of benchmarks/serve_prefix.py]   # the prefix cache
 
 The reference model (dim 512, depth 4; GatedDsConvLM: heads 8, dim_dsconv 512; the recurrent
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--family", default="dsconv", choices=("dsconv", "gss", "mhesa"))
     p.add_argument("--repeats", type=int, default=3, help="concurrent waves per level, the median reported (default 3)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"), help="gss-serve --backend")
     p.add_argument("--out", type=Path, default=HERE / "results" / "serve")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -176,8 +178,8 @@ def main() -> None:
     prompts = [rng.integers(32, 127, args.prompt_tokens).tolist() for _ in range(max(levels))]
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(args.family, Path(tmp) / "model", max_seq_len=max(1024, args.prompt_tokens + args.new_tokens))
-        proc, url = start_server(folder, args.threads, max(levels))
-        decoder = Decoder(folder, provider="cpu", threads=args.threads, spin=SPIN_IN_CALL)  # as the server opens it
+        proc, url = start_server(folder, args.threads, max(levels), "--backend", args.backend)
+        decoder = Decoder(folder, provider="cpu", threads=args.threads, spin=SPIN_IN_CALL, backend=args.backend)  # as the server opens it
         try:
             asyncio.run(wave(url, prompts[:2], 8, together=True))  # warm-up
             rows = []
@@ -198,12 +200,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     single = rows[0]["one_after_another"] if levels[0] == 1 else None
-    report = {"cpu": cpu_name(), "threads": args.threads, "family": args.family, "model": REFERENCE if args.family == "dsconv" else
+    report = {"cpu": cpu_name(), "threads": args.threads, "family": args.family, "backend": args.backend, "model": REFERENCE if args.family == "dsconv" else
               {"num_tokens": 256, "dim": 512, "depth": 4}, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# gss-serve under load ({args.family}; {cpu_name()}, {args.threads} threads)", "",
+    lines = [f"# gss-serve under load ({args.family}, {args.backend}; {cpu_name()}, {args.threads} threads)", "",
              f"{args.new_tokens} new tokens after {args.prompt_tokens}-token prompts, greedy, streamed. "
              "Ratios against one stream alone (concurrency 1, served alone).", "",
              "| streams | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | tokens/s | one after another: tokens/s | "

@@ -172,3 +172,16 @@ def test_the_command_lines_take_the_backend(tmp_path, monkeypatch, capsys, folde
         assert "top-1" in stderr or "no bf16 arithmetic" in stderr
     code, _, stderr = run("--prompt", "x", "--precision", "bf16")
     assert code == 2 and "onnxruntime runs these exports in f32" in stderr
+
+
+def test_the_decoder_state_is_written_in_place(folders, monkeypatch):
+    """OpenVINO writes the new slots straight into the state's buffers: the copy that would follow a
+    plugin that wrote elsewhere never happens, for a prefill and for steps."""
+    copies = []
+    real = ov_backend.np.copyto
+    monkeypatch.setattr(ov_backend.np, "copyto", lambda *a, **k: (copies.append(a[0].shape), real(*a, **k)))
+    decoder = Decoder(folders["dsconv"], backend="openvino", threads=1)
+    _, state = decoder.prefill([LONG_PROMPT, LANG_PROMPT], room=4)
+    for _ in range(4):
+        _, state = decoder.step([1, 2], state)
+    assert copies == [] and state.length == len(LONG_PROMPT) + 1 + 4
