@@ -92,6 +92,7 @@ def export(
     heldout_text: Optional[Path] = typer.Option(None, "--heldout-text", help="fp16/int8 (and --openvino's bf16): text to check on (byte-level models: any file; others: token ids); default: the example corpus's held-out split"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="a Hugging Face tokenizer.json, or the folder holding it with tokenizer_config.json and special_tokens_map.json: copied into the export, so every runtime takes and gives text"),
     heldout_length: int = typer.Option(512, "--heldout-length", min=2, help="fp16/int8 (and --openvino's bf16): held-out window length (capped at max_seq_len)"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="ExecuTorch: the largest batch the program is planned for, 2 to 64 (default 4); its working memory grows with it"),
     openvino: bool = typer.Option(False, "--openvino", help="ONNX: also check the export on OpenVINO: f32 against eager like onnxruntime, and bf16 on held-out text (top-1, KL; --min-top1, --max-kl, --heldout-text apply), recorded so gss-run/gss-serve offer --precision bf16 only where it passed"),
 ) -> None:
     """Export a gated-state-spaces LM checkpoint to ONNX, TorchScript, torch.export or AOTInductor, dynamic in batch and length, validated against eager PyTorch."""
@@ -107,7 +108,7 @@ def export(
 
 def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol, atol, batch_sizes, lengths, external_data,
             decoder, lambda_imag_exp, trust_pickle, dtype, quantize, int8_activations, int8_cpu, min_top1, max_kl,
-            heldout_text, heldout_length, tokenizer, openvino, written) -> None:
+            heldout_text, heldout_length, tokenizer, max_batch, openvino, written) -> None:
     from .checkpoint import load_checkpoint
     from .export import export_model
     from .tolerances import tolerance_for
@@ -162,7 +163,7 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
                 loaded.model, format.value, output, conv=conv.value, opset=opset, validate=validate,
                 tolerance=tolerance_for(format.value, rtol, atol), shapes=default_shapes(cfg.max_seq_len, batches, picked_lengths),
                 external_data=external_data, decoder=decoder, source={"checkpoint": str(checkpoint), "notes": list(loaded.notes)},
-                variant=variant, on_progress=on_progress, tokenizer=tokenizer, openvino=openvino_request,
+                variant=variant, on_progress=on_progress, tokenizer=tokenizer, openvino=openvino_request, max_batch=max_batch,
             )
             written.append(True)
         except ValidationFailed as e:
@@ -176,6 +177,8 @@ def _export(checkpoint, format, output, opset, conv, max_seq_len, validate, rtol
     if result.openvino is not None:
         _print_openvino(result.openvino)
     settings = result.settings
+    if "lowering" in settings:
+        _print_lowering(settings)
     if variant is not None:
         from .variants.request import describe
 
@@ -254,6 +257,17 @@ def _print_quality(report) -> None:
     t = report.threshold
     table.add_row(f"{report.windows}x{report.window}", f"{report.top1:.4f}>={t.min_top1:g}", f"{report.kl:.1e}<={t.max_kl:g}",
                   f"{report.kl_max:.1e}", f"{report.bytes / 1e6:.2f}", f"{report.size_ratio:.2f}x", "[green]ok[/]" if report.ok else "[red]FAIL[/]")
+    out.print(table)
+
+
+def _print_lowering(settings: dict) -> None:
+    """ExecuTorch: per method the working memory planned for the bounds, and the ops left outside XNNPACK."""
+    table = Table(title=f"model.pte ({settings['bytes'] / 1e6:.1f} MB), batch up to {settings['max_batch']}", title_justify="left")
+    for name in ("method", "planned memory", "ops outside XNNPACK (portable kernels)"):
+        table.add_column(name, justify="right" if name == "planned memory" else "left")
+    for method, report in settings["lowering"].items():
+        ops = ", ".join(f"{op} {n}" for op, n in report["outside_xnnpack"].items()) or "none"
+        table.add_row(method, f"{report['planned_bytes'] / 2**20:.1f} MiB", ops)
     out.print(table)
 
 

@@ -54,6 +54,7 @@ def export_model(
     on_progress: StageProgress | None = None,
     tokenizer: str | Path | None = None,
     openvino: OpenVinoRequest | None = None,
+    max_batch: int | None = None,
 ) -> ExportResult:
     """Export `model` as `fmt` into `out_dir`; raises ValidationFailed (with `.report`) on a mismatch.
 
@@ -63,6 +64,8 @@ def export_model(
     `tokenizer`: a Hugging Face tokenizer.json, or a folder holding it with tokenizer_config.json and
     special_tokens_map.json: copied beside the model and recorded in config.json (refused when its
     vocabulary does not fit num_tokens).
+    `max_batch` (ExecuTorch only): the largest batch the program is planned for (default 4); validation
+    checks the shapes within it.
     `openvino` (ONNX, float32): also checked on OpenVINO, f32 against eager (a mismatch fails the export like
     onnxruntime's) and bf16 on held-out text (recorded in config.json's `backends`, which the runtimes read).
     """
@@ -82,7 +85,11 @@ def export_model(
     metadata = {"model": config, "inputs": INPUTS, "outputs": outputs_spec(model.config.num_tokens)}
     with staged_output(out_dir) as staging:
         progress("export", 0, 1, f"building {fmt}")
-        settings = target.settings(model, conv=conv, opset=opset)
+        if max_batch is not None and fmt != "executorch":
+            raise GSSExportError("--max-batch bounds an ExecuTorch program (--format executorch); other formats take any batch")
+        settings = target.settings(model, conv=conv, opset=opset, **({"max_batch": max_batch} if max_batch is not None else {}))
+        if "max_batch" in settings:
+            shapes = [(b, n) for b, n in shapes if b <= settings["max_batch"]]
         # every runtime sends a call of more new tokens than this through prefill (the family's measured crossover)
         settings["prefill_above"] = family_of(model).prefill_above
         path = target.build(model, staging, settings, metadata, conv=conv, opset=opset, external_data=external_data,

@@ -24,6 +24,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "torchscript": Tolerance(rtol=1e-4),
     "pt2": Tolerance(rtol=1e-4),
     "aoti": Tolerance(rtol=1e-4),
+    "executorch": Tolerance(rtol=1e-4),
     # our own eager forms against upstream's FFT evaluation
     "eager": Tolerance(rtol=1e-4),
     # gss-serve's log-probabilities against upstream eager's log-softmax, absolute (in nats): one token's

@@ -20,18 +20,18 @@ FORMS = ("direct", "fft", "monarch")
 CHOICES = FORMS + ("auto",)
 # forms a model can be built with: the exportable ones, the FFT at length 2n that torch.export keeps
 # symbolic (what `fft` becomes for the pt2 and aoti targets), and upstream's own FFT code (eager only)
-MODEL_FORMS = FORMS + ("fft2n", "upstream")
+MODEL_FORMS = FORMS + ("fft2n", "fft2n_last", "upstream")
 
 # Chosen per export target from `python benchmarks/suite.py` (onnxruntime CPU provider vs TorchScript,
 # dim 512, depth 4, 2 threads, lengths 1-4096): see README "Convolution forms".
-AUTO_FORM = {"onnx": "switch", "torchscript": "fft", "eager": "fft", "pt2": "fft2n", "aoti": "fft2n"}
+AUTO_FORM = {"onnx": "switch", "torchscript": "fft", "eager": "fft", "pt2": "fft2n", "aoti": "fft2n", "executorch": "fft2n_last"}
 # ONNX `auto` ("switch"): the Toeplitz form up to SWITCH_LENGTH tokens (fewest nodes: it wins while
 # n^2 is small), monarch above, picked inside the graph by an If on the sequence length
 # (`length_switch.py`); measured crossover between 128 and 256 tokens (README "Benchmarks")
 SWITCH_FORMS = ("direct", "monarch")
 SWITCH_LENGTH = 128
 # torch.export traces Python: a size picked from n by a loop or a table is fixed at the example length
-TORCH_EXPORT_TARGETS = ("pt2", "aoti")
+TORCH_EXPORT_TARGETS = ("pt2", "aoti", "executorch")
 
 
 def resolve_form(form: str, target: str) -> str:
@@ -44,7 +44,10 @@ def resolve_form(form: str, target: str) -> str:
         if form == "monarch":
             raise ValueError("the monarch form picks its block sizes from n in Python, which torch.export would fix "
                              f"at the example length: use --conv fft or direct for {target}")
-        return "fft2n" if form == "fft" else form
+        if form == "fft":
+            # ExecuTorch's FFT kernels take the last axis of a contiguous tensor only
+            return "fft2n_last" if target == "executorch" else "fft2n"
+        return form
     return form
 
 
@@ -95,6 +98,17 @@ def fft2n_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     (2n >= 2n - 1); torch's FFT is exact at any length. u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
     """
     return fft_conv_at(u, K, 2 * u.shape[1])
+
+
+def fft2n_last_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """`fft2n_causal_conv` with the sequence moved to the last axis of contiguous tensors first (ExecuTorch:
+    its FFT kernels refuse the strided layout an FFT along axis 1 returns, and the XNNPACK-lowered program
+    stores it). u: (b, n, h, d), K: (b, n, h) -> (b, n, h, d)
+    """
+    n = u.shape[1]
+    fu = torch.fft.rfft(u.permute(0, 2, 3, 1).contiguous(), n=2 * n, dim=-1)  # (b, h, d, n + 1)
+    fk = torch.fft.rfft(K.permute(0, 2, 1).contiguous(), n=2 * n, dim=-1).unsqueeze(2)  # (kb, h, 1, n + 1)
+    return torch.fft.irfft(fu * fk, n=2 * n, dim=-1)[..., :n].permute(0, 3, 1, 2)
 
 
 def fft_conv_at(u: torch.Tensor, K: torch.Tensor, length: int) -> torch.Tensor:
@@ -209,6 +223,13 @@ class FFT2nConv(nn.Module):
         return fft2n_causal_conv(u, K)
 
 
+class FFT2nLastConv(nn.Module):
+    """`fft2n_last_causal_conv` as a module (the executorch target's FFT)."""
+
+    def forward(self, u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        return fft2n_last_causal_conv(u, K)
+
+
 class MonarchConv(nn.Module):
     """`monarch_causal_conv` (the DFT as small matrix products, `monarch.py`) as a module.
 
@@ -231,4 +252,4 @@ class UpstreamConv(nn.Module):
 
 def make_conv(form: str) -> nn.Module:
     """A fresh conv module for a concrete form name (`direct`, `fft`, `monarch` or `upstream`)."""
-    return {"direct": DirectConv, "fft": FFTConv, "fft2n": FFT2nConv, "monarch": MonarchConv, "upstream": UpstreamConv}[form]()
+    return {"direct": DirectConv, "fft": FFTConv, "fft2n": FFT2nConv, "fft2n_last": FFT2nLastConv, "monarch": MonarchConv, "upstream": UpstreamConv}[form]()

@@ -16,7 +16,7 @@ from ..artifacts import save_onnx
 from ..conv.forms import SWITCH_FORMS, resolve_form
 from ..families import family_of
 from ..validation import ValidationReport, torch_runner
-from . import aoti, onnx, onnx_decoder, pt2, torchscript
+from . import aoti, executorch, onnx, onnx_decoder, pt2, torchscript
 from .decoder_io import describe
 from .torch_decoder import TorchDecoder
 
@@ -30,6 +30,7 @@ class Target:
     variants = False  # fp16 / int8 files (ONNX only)
 
     def settings(self, model, *, conv: str, opset: int) -> dict:
+        """What the export records of itself (config.json's `export`); ExecuTorch also takes max_batch."""
         raise NotImplementedError
 
     def build(self, model, staging: Path, settings: dict, metadata: dict, *, conv: str, opset: int,
@@ -158,7 +159,25 @@ class AotiTarget(Pt2Target):
         return aoti.load_aoti(path, program)
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), TorchScriptTarget(), Pt2Target(), AotiTarget())}
+class ExecuTorchTarget(Target):
+    name = "executorch"
+
+    def settings(self, model, *, conv, opset, max_batch=None):
+        return executorch.export_settings(model, conv=conv, max_batch=max_batch)
+
+    def build(self, model, staging, settings, metadata, *, conv, **_):
+        path = staging / settings["file"]
+        executorch.save_pte(model, path, settings)
+        return path
+
+    def forward(self, path, report):
+        return executorch.PteProgram(path).forward
+
+    def decoder(self, staging, path, model, decoder):
+        return executorch.PteProgram(path, model.config).decoder(), f"{path.name} (step, prefill)"
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(), TorchScriptTarget(), Pt2Target(), AotiTarget(), ExecuTorchTarget())}
 FORMATS = tuple(TARGETS)
 
 __all__ = ["TARGETS", "FORMATS", "Target"]

@@ -34,10 +34,10 @@ def quiet_tracing():
             logger.setLevel(level)
 
 
-def forward_signature(config) -> tuple[tuple, dict]:
-    """forward(input_ids (batch, sequence)): the example and its dynamic shapes; sequence <= max_seq_len."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+def forward_signature(config, max_batch: int = MAX_BATCH) -> tuple[tuple, dict]:
+    """forward(input_ids (batch, sequence)): the example and its dynamic shapes; batch <= max_batch, sequence <= max_seq_len."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("sequence", min=1, max=config.max_seq_len)
     # batch and length >= 2 so neither axis is specialised to 1
-    example = (torch.zeros(2, min(9, config.max_seq_len), dtype=torch.long),)
+    example = (torch.zeros(2 if max_batch >= 2 else 1, min(9, config.max_seq_len), dtype=torch.long),)
     return example, {"input_ids": {0: batch, 1: seq}}
