@@ -100,12 +100,13 @@ class StepGraph(nn.Module):
         return (logits, *[t for group in entries for t in group])
 
 
-def step_signature(config, one_token: bool = False, max_batch: int = MAX_BATCH) -> tuple[tuple, dict]:
-    """StepGraph.forward's example inputs and their dynamic shapes (batch up to max_batch, new_tokens, and context
-    for "append"); one_token: new_tokens fixed at 1 (a recurrent family's `step_one`)."""
+def step_signature(config, one_token: bool = False, max_batch: int = MAX_BATCH, max_new: int | None = None
+                   ) -> tuple[tuple, dict]:
+    """StepGraph.forward's example inputs and their dynamic shapes (batch up to max_batch, new_tokens up to max_new
+    or max_seq_len, and context for "append"); one_token: new_tokens fixed at 1 (a recurrent family's `step_one`)."""
     c = config
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    new = torch.export.Dim("new_tokens", min=1, max=c.max_seq_len)
+    new = torch.export.Dim("new_tokens", min=1, max=max(min(max_new or c.max_seq_len, c.max_seq_len), 3))
     # example sizes >= 2 and distinct, so no axis specialises or gets tied to another; distinct
     # tensors per layer, since the exporter would merge aliased inputs into one
     ids, pad = torch.zeros(2, 3, dtype=torch.long), torch.tensor([1, 0])

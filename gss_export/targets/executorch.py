@@ -63,10 +63,13 @@ def build_programs(model: GatedLM, settings: dict) -> dict:
     bound = settings["max_batch"]
     fwd_example, fwd_dynamic = forward_signature(model.config, max_batch=bound)
     step_example, step_dynamic = step_signature(model.config, max_batch=bound)
+    # `step` takes what runtimes send it, up to the family's prefill threshold (the example needs 3): planned
+    # for max_seq_len new tokens, its direct product over the past would need gigabytes
+    short_example, short_dynamic = step_signature(model.config, max_batch=bound, max_new=settings["prefill_above"])
     with quiet_tracing():
         return {
             "forward": torch.export.export(target, fwd_example, dynamic_shapes=fwd_dynamic),
-            "step": torch.export.export(StepGraph(target).eval(), step_example, dynamic_shapes=step_dynamic),
+            "step": torch.export.export(StepGraph(target).eval(), short_example, dynamic_shapes=short_dynamic),
             "prefill": torch.export.export(StepGraph(target, whole=True).eval(), step_example, dynamic_shapes=step_dynamic),
         }
 
@@ -161,14 +164,15 @@ class PteProgram:
         def run(ids, pad, *state):
             self._check(ids, state[0][0].shape[0] if append else 0)
             flat = [t.contiguous() for group in state for t in group]
-            return tuple(method.execute([ids, pad, *flat]))
+            return tuple(method.execute([ids.contiguous(), pad.contiguous(), *flat]))
 
         return run
 
     def decoder(self):
         from .torch_decoder import TorchDecoder
 
-        decoder = TorchDecoder(self._stepper("step"), self.config, prefill=self._stepper("prefill"))
+        step_max = self.methods["step"].metadata.input_tensor_meta(0).sizes()[1]
+        decoder = TorchDecoder(self._stepper("step"), self.config, prefill=self._stepper("prefill"), step_max=step_max)
         decoder.max_batch = self.max_batch  # validation leaves out cases of more rows than the program allows
         return decoder
 

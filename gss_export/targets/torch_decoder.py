@@ -20,8 +20,10 @@ from .decoder_io import state_kind
 class TorchDecoder:
     """step and prefill: (input_ids, pad, *state) -> (logits, *state update) nested, or flat."""
 
-    def __init__(self, step: Callable, config, prefill: Callable | None = None):
-        self.step_fn, self.prefill_fn, self.config = step, prefill, config
+    def __init__(self, step: Callable, config, prefill: Callable | None = None, step_max: int | None = None):
+        """step_max: the most new tokens `step` takes in one call (ExecuTorch's bound); longer feeds that must go
+        through it are fed in pieces."""
+        self.step_fn, self.prefill_fn, self.config, self.step_max = step, prefill, config, step_max
         self.kind = state_kind(config)
         self.prefill_above = config.prefill_above  # as the runtime reads it from the export
 
@@ -43,6 +45,12 @@ class TorchDecoder:
             whole = self.prefill_fn is not None and ids.shape[1] > self.prefill_above
         elif whole and self.prefill_fn is None:
             raise ValueError("this artifact has no prefill")
+        if not whole and self.step_max is not None and ids.shape[1] > self.step_max:
+            pieces = []
+            for start in range(0, ids.shape[1], self.step_max):
+                logits, state = self.feed(ids[:, start : start + self.step_max], state, whole=False)
+                pieces.append(logits)
+            return np.concatenate(pieces, axis=1), state
         pad, *tensors = state
         call_pad = pad if self.kind == "append" else pad.clamp(max=ids.shape[1])
         with torch.no_grad():
