@@ -84,9 +84,12 @@ class OpenVinoCheck:
         }
 
 
+BF16 = " on OpenVINO bf16"  # what a bf16 quality report's artifact ends with, after its path
+
+
 def _file(report) -> str:
-    """The file a report is about (its artifact reads "PATH on OpenVINO PRECISION")."""
-    return Path(report.artifact.split(" on OpenVINO")[0]).name
+    """The file a bf16 report is about."""
+    return Path(report.artifact.removesuffix(BF16)).name
 
 
 def check_openvino(staging: Path, out_dir: Path, model: GatedLM, shapes, tolerance: Tolerance, decoder: bool,
@@ -113,7 +116,7 @@ def check_openvino(staging: Path, out_dir: Path, model: GatedLM, shapes, toleran
     reports = []
     for name, run in runners:
         size = (staging / name).stat().st_size  # the same file as float32's: OpenVINO converts while compiling
-        report = quality.QualityReport(artifact=f"{out_dir / name} on OpenVINO bf16", reference=reference, threshold=threshold,
+        report = quality.QualityReport(artifact=f"{out_dir / name}{BF16}", reference=reference, threshold=threshold,
                                        text=heldout.source, bytes=size, fp32_bytes=size)
         reports.append(quality.measure(run, want, batch, report, lambda i, n, label: progress("openvino bf16", i, n, label)))
     return OpenVinoCheck(forward, decoder_report, reports)

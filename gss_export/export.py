@@ -135,7 +135,7 @@ def _raise_on_failure(*reports: ValidationReport | None, out_dir, where: str = "
     for checked in reports:
         if checked is not None and not checked.ok:
             raise ValidationFailed(
-                f"{Path(checked.artifact.split(' on ')[0]).name}{where} disagrees with eager PyTorch in {len(checked.failures)} "
+                f"{Path(checked.artifact.removesuffix(where)).name}{where} disagrees with eager PyTorch in {len(checked.failures)} "
                 f"check(s); nothing was written to {out_dir}", report=checked,
             )
 

@@ -21,9 +21,9 @@ import torch
 
 from .. import __version__
 from ..errors import GSSExportError
-from .decoder_io import StepGraph, state_kind, step_signature
-from .pt2 import torch_export_form
-from .signatures import forward_signature, quiet_tracing
+from .decoder_io import state_kind
+from .pt2 import build_programs as build_programs_pt2, torch_export_form
+from .signatures import quiet_tracing
 
 if TYPE_CHECKING:  # annotations only
     from ..families import GatedLM
@@ -56,22 +56,12 @@ def export_settings(model: GatedLM, *, conv: str, max_batch: int | None = None) 
 
 
 def build_programs(model: GatedLM, settings: dict) -> dict:
-    """{"forward", "step", "prefill"}: torch.export programs with batch <= max_batch and lengths <= max_seq_len."""
-    if model.config.max_seq_len < 2:
-        raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
-    target = model.with_conv(settings["conv"])
-    bound = settings["max_batch"]
-    fwd_example, fwd_dynamic = forward_signature(model.config, max_batch=bound)
-    step_example, step_dynamic = step_signature(model.config, max_batch=bound)
-    # `step` takes what runtimes send it, up to the family's prefill threshold (the example needs 3): planned
-    # for max_seq_len new tokens, its direct product over the past would need gigabytes
-    short_example, short_dynamic = step_signature(model.config, max_batch=bound, max_new=settings["prefill_above"])
-    with quiet_tracing():
-        return {
-            "forward": torch.export.export(target, fwd_example, dynamic_shapes=fwd_dynamic),
-            "step": torch.export.export(StepGraph(target).eval(), short_example, dynamic_shapes=short_dynamic),
-            "prefill": torch.export.export(StepGraph(target, whole=True).eval(), step_example, dynamic_shapes=step_dynamic),
-        }
+    """{"forward", "step", "prefill"}: pt2's programs with batch <= max_batch, `step` taking what runtimes send
+    it, up to the family's prefill threshold: planned for max_seq_len new tokens, its direct product over the
+    past would need gigabytes."""
+    programs = build_programs_pt2(model, conv=settings["conv_requested"], fmt="executorch", max_batch=settings["max_batch"],
+                                  step_max_new=settings["prefill_above"])
+    return {"forward": programs.pop("model"), **programs}
 
 
 def partitioner():

@@ -19,7 +19,7 @@ from .. import __version__
 from ..conv.forms import resolve_form
 from ..errors import GSSExportError
 from .decoder_io import StepGraph, step_signature
-from .signatures import forward_signature, quiet_tracing
+from .signatures import MAX_BATCH, forward_signature, quiet_tracing
 
 if TYPE_CHECKING:  # annotations only: the targets read what they need from the model they are given
     from ..families import GatedLM
@@ -48,19 +48,23 @@ def torch_export_form(conv: str, fmt: str) -> str:
         raise GSSExportError(str(e)) from None
 
 
-def build_programs(model: GatedLM, *, conv: str = "auto", fmt: str = "pt2") -> dict[str, ExportedProgram]:
-    """{"model": forward, "step": StepGraph, "prefill": StepGraph(whole=True)} exported with batch, length and context symbolic."""
+def build_programs(model: GatedLM, *, conv: str = "auto", fmt: str = "pt2", max_batch: int = MAX_BATCH,
+                   step_max_new: int | None = None) -> dict[str, ExportedProgram]:
+    """{"model": forward, "step": StepGraph, "prefill": StepGraph(whole=True)} exported with batch (up to max_batch),
+    length and context symbolic; step_max_new bounds the new tokens `step` takes (default: max_seq_len)."""
     if model.config.max_seq_len < 2:
         raise GSSExportError("max_seq_len must be at least 2 for an export with a dynamic sequence axis")
     target = model.with_conv(torch_export_form(conv, fmt))
-    fwd_example, fwd_dynamic = forward_signature(model.config)
-    step_example, step_dynamic = step_signature(model.config)
+    fwd_example, fwd_dynamic = forward_signature(model.config, max_batch=max_batch)
+    step_example, step_dynamic = step_signature(model.config, max_batch=max_batch)
+    short_example, short_dynamic = ((step_example, step_dynamic) if step_max_new is None else
+                                    step_signature(model.config, max_batch=max_batch, max_new=step_max_new))
     with quiet_tracing():
         return {
             "model": torch.export.export(target, fwd_example, dynamic_shapes=fwd_dynamic),
             # the step's convolution is the direct product over the past at any form; prefill runs the
             # target's form over all slots
-            "step": torch.export.export(StepGraph(target).eval(), step_example, dynamic_shapes=step_dynamic),
+            "step": torch.export.export(StepGraph(target).eval(), short_example, dynamic_shapes=short_dynamic),
             "prefill": torch.export.export(StepGraph(target, whole=True).eval(), step_example, dynamic_shapes=step_dynamic),
         }
 

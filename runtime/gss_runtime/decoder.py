@@ -222,7 +222,6 @@ class Decoder:
         path = Path(model)
         self.path, config_file = locate(path, DECODER_NAME) if path.is_dir() else locate(path)
         self.session = open_model_graph(self.path, config_file, backend, provider, threads, spin, precision, measuring)
-        self.backend, self.precision = backend, precision
         self.providers: list[str] = self.session.devices
         self.config: dict = read_config(self.path, config_file, self.session)
         depth = self.config["depth"]

@@ -21,7 +21,6 @@ FAMILY_KEYS = {
     "gss": ("dss_kernel_N", "dss_kernel_H", "dss_kernel_lambda_imag_exp"),
     "mhesa": ("heads", "dim_mhesa"),
 }
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
 def locate(model: Path, name: str = MODEL_NAME) -> tuple[Path, Path | None]:
