@@ -223,3 +223,31 @@ def test_gss_decoder_takes_one_token_and_longer_feeds_match(family_exports):
         assert max_errors(whole[r, pad[r] :], want)[1] < RTOL
     for a, b in zip(state_a.arrays, state_b.arrays):
         assert max_errors(a, b)[1] < RTOL
+
+
+def test_gss_one_token_step_reads_and_writes_its_state_without_a_copy(family_exports):
+    """The state is stored in blocks of g modes, (batch, N/g, H, 2, g), so decoder.onnx's one-token step
+    turns it with one matrix product and writes the sum that adds u as the new state: each state.i feeds
+    only a Reshape into a MatMul, and each new_state.i comes straight out of an Add (no Split, Concat,
+    Transpose or Reshape copying a state-sized tensor on the way in or out)."""
+    import onnx
+
+    out = family_exports("gss", "onnx")
+    config = json.loads((out / "config.json").read_text())
+    N, H = config["model"]["dss_kernel_N"], config["model"]["dss_kernel_H"]
+    g = 8 if N % 8 == 0 else 4 if N % 4 == 0 else 2 if N % 2 == 0 else 1
+    shapes = [t["shape"] for t in config["export"]["decoder"]["inputs"][2:]]
+    assert shapes == [["batch", N // g, H, 2, g]] * config["model"]["depth"]
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    producer = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    for i in range(config["model"]["depth"]):
+        (reshape,) = consumers[f"state.{i}"]
+        assert reshape.op_type == "Reshape"
+        assert [n.op_type for n in consumers[reshape.output[0]]] == ["MatMul"]
+        assert producer[f"new_state.{i}"].op_type == "Add"

@@ -9,9 +9,14 @@ same layer is run as the exact linear recurrence it is, for decoding:
 
     s[h, n] <- exp(Lambda_n) * s[h, n] + u[j, h]        y[j, h] = Re(sum_n C'[h, n] s[h, n]) + D[h] u[j, h]
 
-A state is (batch, H, 2N) per layer: the real parts of the N modes of each channel, then their
-imaginary parts. Complex numbers are real pairs throughout, so every target (ONNX has no complex
-type) runs the same code. Parameter names are upstream's, so checkpoints load with strict=True.
+A state is (batch, N/g, H, 2, g) per layer: N / g blocks of g modes (g = `mode_block(N)`, 8 where it
+divides N), each block an (H, 2g) matrix whose rows are one channel's g real parts, then their g
+imaginary parts. That order lets a one-token step advance a whole block of modes with one matrix
+product, s' = s @ M with M the block's 2g x 2g rotation and decay, and write its result as the new
+state with no copy; the halves order, (batch, H, 2N), needed four products, two sums, a split and a
+concat over the state. Runtimes never look inside a state: they read its shape from the export.
+Complex numbers are real pairs throughout, so every target (ONNX has no complex type) runs the same
+code. Parameter names are upstream's, so checkpoints load with strict=True.
 """
 from __future__ import annotations
 
@@ -48,11 +53,34 @@ class StateSpacesConfig(FamilyConfig):
 
     def state_shapes(self) -> list[list]:
         """Per layer: the state's shape, batch symbolic."""
-        return [["batch", self.dss_kernel_H, 2 * self.dss_kernel_N]] * self.depth
+        g = mode_block(self.dss_kernel_N)
+        return [["batch", self.dss_kernel_N // g, self.dss_kernel_H, 2, g]] * self.depth
 
     def conv_geometry(self) -> tuple[int, int]:
         """(heads, head_dim) of the convolution: one kernel per channel."""
         return self.dss_kernel_H, 1
+
+
+def mode_block(modes: int) -> int:
+    """Modes per block of the state's storage: 8 where it divides N (the fastest measured), else 4, 2 or 1."""
+    for g in [8, 4, 2]:  # a loop, not next(...): TorchScript compiles this
+        if modes % g == 0:
+            return g
+    return 1
+
+
+def to_blocks(halves: torch.Tensor) -> torch.Tensor:
+    """(b, H, 2N), N real parts then N imaginary parts per channel -> the stored state (b, N/g, H, 2, g):
+    one transpose, whose result is the state itself (no copy after it)."""
+    b, H, N = halves.shape[0], halves.shape[1], halves.shape[2] // 2
+    g = mode_block(N)
+    return halves.reshape(b, H, 2, N // g, g).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def from_blocks(state: torch.Tensor) -> torch.Tensor:
+    """The stored state (b, N/g, H, 2, g) -> (b, H, 2N), real parts then imaginary parts: one transpose."""
+    b, blocks, H, g = state.shape[0], state.shape[1], state.shape[2], state.shape[4]
+    return state.permute(0, 2, 3, 1, 4).reshape(b, H, 2 * blocks * g)
 
 
 def complex_product(ar: torch.Tensor, ai: torch.Tensor, br: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
@@ -125,9 +153,9 @@ class DSS(nn.Module):
         return self.conv(u.unsqueeze(-1), K.unsqueeze(0)).squeeze(-1) + u * self.param_D
 
     def step(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """t new positions after `state`. x: (b, t, H); state: (b, H, 2N); pad: (b,) leading padding per row.
+        """t new positions after `state`. x: (b, t, H); state: (b, N/g, H, 2, g); pad: (b,) leading padding per row.
 
-        Returns out (b, t, H) and the state after the last position (b, H, 2N). Within the call the
+        Returns out (b, t, H) and the state after the last position (b, N/g, H, 2, g). Within the call the
         kernel convolves the new inputs (direct form for a step, the layer's form for a prompt,
         `whole=True`); the carried state adds Re(C' exp(Lambda)^lag s) at each position and is decayed
         past the call. The cost is per token, whatever came before.
@@ -139,9 +167,10 @@ class DSS(nn.Module):
         K = self.kernel(P, Ct, t).unsqueeze(0)
         mixed = (self.conv(u.unsqueeze(-1), K) if whole else direct_causal_conv(u.unsqueeze(-1), K)).squeeze(-1)
         modes = P.shape[1] // 2
-        sr, si = state[..., :modes], state[..., modes:]
+        halves = from_blocks(state)
+        sr, si = halves[..., :modes], halves[..., modes:]
         cr, ci = Ct[:, :modes], Ct[:, modes:]
-        z = complex_product(cr, ci, sr, si)  # C' * s: (b, H, 2N)
+        z = complex_product(cr, ci, sr, si)  # C' * s, halves: (b, H, 2N)
         # Re(E z) with E = exp(Lambda * lag): [Er | -Ei] @ [zr | zi]^T, the sign on the small table, not the state
         conj = torch.cat([P[:, :modes], -P[:, modes:]], -1)
         carried_out = torch.matmul(conj[carried_lags(pad, t)], z.transpose(1, 2))  # (b, t, H)
@@ -149,27 +178,33 @@ class DSS(nn.Module):
         dr, di = d[..., :modes], d[..., modes:]
         carried = complex_product(dr, di, sr, si)
         fresh = torch.matmul(u.transpose(1, 2), P[:t].flip(0))  # sum_m exp(Lambda (t-1-m)) u[m]: (b, H, 2N)
-        return mixed + carried_out + u * self.param_D, carried + fresh
+        return mixed + carried_out + u * self.param_D, to_blocks(carried + fresh)
 
     def step_one(self, x: torch.Tensor, state: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`step` for exactly one new position: x (b, 1, H), state (b, H, 2N), pad (b,) 0 or 1 -> (b, 1, H), (b, H, 2N).
+        """`step` for exactly one new position: x (b, 1, H), state (b, N/g, H, 2, g), pad (b,) 0 or 1 -> (b, 1, H), (b, N/g, H, 2, g).
 
         The recurrence itself, s' = exp(Lambda) s + u and y = Re(sum_n C'_n s'_n) + D u (the kernel's
-        first tap, Re(sum C') u, is the u inside s'), on the real and imaginary halves: about six passes
-        over the state where `step` makes thirteen (its carried output, carried state and fresh inputs
-        each go over it), which is what a batched step costs. A padding position (pad 1) leaves the
-        state as it is.
+        first tap, Re(sum C') u, is the u inside s'), on the stored blocks: per row and block of g modes
+        one (H, 2g) @ (2g, 2g) product with M = [[diag(Er), diag(Ei)], [-diag(Ei), diag(Er)]], E =
+        exp(Lambda) (the identity on a padding position, pad 1, which leaves the state as it is), then
+        u added to the real parts and the readout. Three passes over the state where the halves took
+        about six and the general `step` thirteen: what a batched step costs.
         """
+        b, H = x.shape[0], x.shape[2]
         u = self.norm(x) * real_positions(pad, 1, x.dtype)  # (b, 1, H)
-        d = self.powers(2)[carried_decay(pad, 1)].unsqueeze(1)  # exp(Lambda), or 1 on padding: (b, 1, 2N)
-        modes = d.shape[-1] // 2
-        dr, di = d[..., :modes], d[..., modes:]
-        sr, si = state[..., :modes], state[..., modes:]
-        real = dr * sr - di * si + u.transpose(1, 2)
-        imag = dr * si + di * sr
-        c = self.readout()
-        y = (real * c[:, :modes]).sum(-1) - (imag * c[:, modes:]).sum(-1)  # (b, H)
-        return y.unsqueeze(1) + u * self.param_D, torch.cat([real, imag], -1)
+        d = self.powers(2)[carried_decay(pad, 1)]  # exp(Lambda), or 1 on padding: (b, 2N)
+        N = d.shape[-1] // 2
+        g = mode_block(N)
+        eye = torch.eye(g, dtype=x.dtype, device=x.device)
+        dr, di = eye * d[:, :N].reshape(b, N // g, 1, g), eye * d[:, N:].reshape(b, N // g, 1, g)  # diagonal (b, N/g, g, g)
+        M = torch.cat([torch.cat([dr, di], -1), torch.cat([-di, dr], -1)], -2)  # (b, N/g, 2g, 2g)
+        real_part = torch.cat([torch.ones(g, dtype=x.dtype, device=x.device), torch.zeros(g, dtype=x.dtype, device=x.device)])
+        turned = torch.matmul(state.reshape(b, N // g, H, 2 * g), M).reshape(b, N // g, H, 2, g)
+        new = turned + u.reshape(b, 1, H, 1, 1) * real_part.reshape(2, g)  # written as the new state, no copy
+        c = self.readout()  # Re(C' s') = sum Cr sr - Ci si: the signed readout in the state's block order
+        signed = to_blocks(torch.cat([c[:, :N], -c[:, N:]], -1).unsqueeze(0))[0]  # (N/g, H, 2, g)
+        y = (new * signed).sum(1).reshape(b, H, 2 * g).sum(-1)  # (b, H): the blocks first, onnxruntime's faster order
+        return y.unsqueeze(1) + u * self.param_D, new
 
 
 class GSS(GatedLayer):
@@ -222,9 +257,10 @@ class GatedStateSpacesLM(RecurrentLM):
 
     @torch.jit.export
     def empty_state(self, batch: int) -> list[torch.Tensor]:
-        """Zero states, per layer (batch, H, 2N); sizes, dtype and device from the weights (C_real: (H, N))."""
+        """Zero states, per layer (batch, N/g, H, 2, g); sizes, dtype and device from the weights (C_real: (H, N))."""
         state: list[torch.Tensor] = []
         for layer in self.layers:
             c = layer.dss.C_real
-            state.append(c.new_zeros(batch, c.shape[0], 2 * c.shape[1]))
+            g = mode_block(c.shape[1])
+            state.append(c.new_zeros(batch, c.shape[1] // g, c.shape[0], 2, g))
         return state

@@ -9,7 +9,7 @@ and the engine allocates exactly that when it forms the batch, so the state neve
 while it runs. The recurrent families hold a fixed state per row: rows * bytes per row.
 
 Each row also costs a step working memory (onnxruntime's intermediates, which its arena keeps:
-for GatedStateSpacesLM several times the row's state, (rows, H, 2N) per elementwise pass), measured
+for GatedStateSpacesLM about twice the row's state: the new state and a state-sized buffer), measured
 once when the engine starts (`probe_step_memory`) and counted with the row.
 """
 from __future__ import annotations
