@@ -14,6 +14,7 @@ from .artifacts import CONFIG_NAME, staged_output, write_json
 from .errors import GSSExportError, ValidationFailed
 from .families import GatedLM, family_of
 from .targets import FORMATS, TARGETS
+from .targets.decoder_io import PAST_LAYOUT
 from .targets.onnx import INPUTS, outputs_spec
 from .tolerances import Tolerance, tolerance_for
 from .validation import ValidationReport, default_shapes, validate_decoder, validate_forward
@@ -92,6 +93,8 @@ def export_model(
             shapes = [(b, n) for b, n in shapes if b <= settings["max_batch"]]
         # every runtime sends a call of more new tokens than this through prefill (the family's measured crossover)
         settings["prefill_above"] = family_of(model).prefill_above
+        if model.config.state == "append":  # every runtime refuses an appended past of another layout
+            settings["past_layout"] = PAST_LAYOUT
         path = target.build(model, staging, settings, metadata, conv=conv, opset=opset, external_data=external_data,
                             decoder=decoder, variant=variant, progress=progress)
         progress("export", 1, 1, f"built {path.name}")

@@ -24,11 +24,12 @@ def test_forms_equal_upstream_in_float64(n):
     want = upstream_fft_conv(u, K)
     for form in FORMS:
         assert torch.allclose(form(u, K), want, rtol=0, atol=1e-10)
-    # the decoder's form: positions split..n-1 given a past, behind 0 and 3 slots of garbage padding
+    # the decoder's form: positions split..n-1 given a past, behind 0 and 3 slots of garbage padding, the
+    # head-major past with 0 or 9 slots of room (finite garbage: never read into the result)
     split = n // 2
-    for pad in (0, 3):
+    for pad, room in ((0, 0), (3, 9)):
         junk_u, junk_k = torch.randn(pad, 2, 3, 5, dtype=torch.float64), torch.randn(pad, 2, 3, dtype=torch.float64)
-        u_past = torch.cat([junk_u, u[:, :split].transpose(0, 1)])
+        u_past = torch.cat([junk_u, u[:, :split].transpose(0, 1), torch.randn(room, 2, 3, 5, dtype=torch.float64)]).permute(1, 2, 0, 3)
         k_past = torch.cat([junk_k, K[:, :split].transpose(0, 1)])
         got = causal_conv_step(u_past, k_past, u[:, split:], K[:, split:], torch.tensor([pad, pad]))
         assert torch.allclose(got, want[:, split:], rtol=0, atol=1e-10)
@@ -45,7 +46,7 @@ def test_step_form_keeps_rows_of_a_ragged_batch_apart():
         u_past[longest - n :, row], k_past[longest - n :, row] = u[:n], k[:n]  # left-padded storage
     u_new = torch.stack([u[n:] for (u, _), n in zip(seqs, lengths)])
     k_new = torch.stack([k[n:] for (_, k), n in zip(seqs, lengths)])
-    got = causal_conv_step(u_past, k_past, u_new, k_new, torch.tensor([longest - n for n in lengths]))
+    got = causal_conv_step(u_past.permute(1, 2, 0, 3), k_past, u_new, k_new, torch.tensor([longest - n for n in lengths]))
     for row, ((u, k), n) in enumerate(zip(seqs, lengths)):
         want = upstream_fft_conv(u[None], k[None])[0, n:]
         assert torch.allclose(got[row], want, rtol=0, atol=1e-10)

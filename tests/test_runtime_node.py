@@ -235,3 +235,30 @@ def test_node_bad_arguments_give_one_clear_message(case, node, example_onnx, tmp
     assert message in proc.stderr and proc.stdout == ""
     assert not re.search(r"^\s+at ", proc.stderr, re.M), proc.stderr  # no stack trace
     assert len(proc.stderr.splitlines()) <= 20, proc.stderr  # fits one screen
+
+
+def test_node_and_python_refuse_an_export_with_the_old_slot_major_past(node, example_onnx, tmp_path):
+    """A GatedDsConvLM export made before the past became head-major (no export.decoder.past_layout in
+    config.json, none in the decoder's metadata): both runtimes refuse it in one line that says to re-export."""
+    import shutil
+
+    import onnx
+
+    from gss_runtime.decoder import Decoder
+    from gss_runtime.errors import RuntimeInputError
+
+    old = tmp_path / "old"
+    shutil.copytree(example_onnx, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["export"]["decoder"]["past_layout"]
+    (old / "config.json").write_text(json.dumps(config))
+    proc = generate(node, old, "--prompt-ids", "1,2", "--max-new-tokens", 2)
+    assert proc.returncode == 2 and "re-export it with gss-export" in proc.stderr and proc.stdout == "", proc.stderr
+    for name in ("decoder.onnx", "prefill.onnx"):
+        graph = onnx.load(str(old / name))
+        kept = [p for p in graph.metadata_props if p.key != "gss_export.past_layout"]
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(kept)
+        onnx.save(graph, str(old / name))
+    with pytest.raises(RuntimeInputError, match="re-export it with gss-export"):
+        Decoder(old, provider="cpu")

@@ -229,7 +229,7 @@ def test_a_new_batch_steps_in_its_prefill_buffers(folders, monkeypatch):
         before = slots.arrays[0]
         reserve(slots, *args)
         if slots.arrays[0] is not before:
-            copies.append(f"grown to {slots.arrays[0].shape[0]}")
+            copies.append(f"grown to {slots.capacity}")
 
     monkeypatch.setattr(_Slots, "reserve", spy)
     engine = Engine(decoder, max_batch=8, prefix_cache_memory=None).start()

@@ -124,14 +124,16 @@ def causal_conv_step(
 ) -> torch.Tensor:
     """The convolution for new positions, given the conv inputs and kernel values before them.
 
-    Storage is slot-major and shared by the batch: past entries fill slots 0..C-1, the t new ones
-    slots C..C+t-1. Row b's absolute position 0 sits at slot pad[b] (slots before it are padding,
-    never read), so a ragged batch appends at the same slot in every row while each row keeps
-    its own positions: out[b, j] = sum_{m=pad..s} u[m] * K[s - m + pad] with s = C + j.
-    u_past: (C, b, h, d), k_past: (C, b, h), u_new: (b, t, h, d), k_new: (b, t, h), pad: (b,) int64.
-    Returns (b, t, h, d). Cost O(t * (C + t) * h * d); the past is only read.
+    Slots are shared by the batch: past entries fill slots 0..C-1, the t new ones slots C..C+t-1. Row
+    b's absolute position 0 sits at slot pad[b] (slots before it are padding, never read), so a ragged
+    batch appends at the same slot in every row while each row keeps its own positions:
+    out[b, j] = sum_{m=pad..s} u[m] * K[s - m + pad] with s = C + j.
+    u_past: (b, h, capacity, d), head-major, slots 0..C-1 filled and the rest of the capacity (room for
+    the tokens to come) finite, never read into the result: the product over the past then reads the
+    buffer as it lies, once, with no transpose. k_past: (C, b, h) (C comes from it); u_new: (b, t, h, d),
+    k_new: (b, t, h), pad: (b,) int64. Returns (b, t, h, d). Cost O(t * (capacity + t) * h * d).
     """
-    C, t = u_past.shape[0], u_new.shape[1]
+    C, t, capacity = k_past.shape[0], u_new.shape[1], u_past.shape[2]
     b, h, n = k_new.shape[0], k_new.shape[2], C + t
     k_all = torch.cat([k_past.permute(1, 2, 0), k_new.permute(0, 2, 1)], dim=2)  # (b, h, n)
     slots = torch.arange(n, device=u_new.device)
@@ -143,10 +145,15 @@ def causal_conv_step(
     # lag). Reversed and zero-padded, that is rev[t - 1 - j + m], one Gather with an index shared by every
     # row and head, where building it per (row, position, slot, head) and masking it took 70% of a 64-token call
     rev = torch.cat([kern.flip(-1), kern.new_zeros(b, h, t)], dim=2)  # (b, h, n + t); Pad would need opset 18
-    window = (t - 1 - torch.arange(t, device=u_new.device)).unsqueeze(1) + slots  # (t, n)
-    taps = rev.index_select(2, window.reshape(-1)).reshape(b, h, t, n)
-    taps = taps * (slots >= pad.view(-1, 1, 1, 1)).to(taps.dtype)  # padding slots are never read
-    out = torch.matmul(taps[..., :C], u_past.permute(1, 2, 0, 3)) + torch.matmul(taps[..., C:], u_new.permute(0, 2, 1, 3))
+    rows = (t - 1 - torch.arange(t, device=u_new.device)).unsqueeze(1)  # (t, 1)
+    # over the past's whole capacity: slots from C on are the room (zero taps), slots before pad padding
+    held = torch.arange(capacity, device=u_new.device)
+    past_taps = rev.index_select(2, (rows + held).clamp(max=n + t - 1).reshape(-1)).reshape(b, h, t, capacity)
+    past_taps = past_taps * ((held < C) & (held >= pad.view(-1, 1, 1, 1))).to(past_taps.dtype)
+    fresh = C + torch.arange(t, device=u_new.device)
+    new_taps = rev[:, :, rows + fresh]  # (b, h, t, t): indexed whole, as a flat t * t index ExecuTorch cannot size
+    new_taps = new_taps * (fresh >= pad.view(-1, 1, 1, 1)).to(new_taps.dtype)
+    out = torch.matmul(past_taps, u_past) + torch.matmul(new_taps, u_new.permute(0, 2, 1, 3))
     return out.permute(0, 2, 1, 3)
 
 

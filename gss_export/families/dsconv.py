@@ -67,7 +67,8 @@ class EfficientDsConv(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """New positions given the conv inputs and kernel values seen so far.
 
-        x: (b, t, dim) for slots C..C+t-1; u_past: (C, b, dim); k_past: (C, b, heads); pad: (b,).
+        x: (b, t, dim) for slots C..C+t-1; u_past: (b, heads, capacity, dim / heads), head-major, its
+        slots 0..C-1 filled (the rest is room, finite, never read); k_past: (C, b, heads); pad: (b,).
         Returns out (b, t, dim) and the new entries only, u_new (t, b, dim) and k_new (t, b, heads):
         the caller appends them, nothing is mutated or copied here. `whole=False` reads the past
         directly (`causal_conv_step`, O(t * (C + t)): one token, or a few); `whole=True` runs this
@@ -76,12 +77,14 @@ class EfficientDsConv(nn.Module):
         b, t, dim = x.shape
         u, K = self.project(x)
         h = self.heads
-        u_heads, past = u.reshape(b, t, h, dim // h), u_past.reshape(-1, b, h, dim // h)
+        u_heads, C = u.reshape(b, t, h, dim // h), k_past.shape[0]
         if whole:
-            u_all, k_all = continuation_inputs(past, k_past, u_heads, K, pad)
-            out = self.conv(u_all, k_all)[:, past.shape[0] :]
+            # the filled slots by a gather: a slice or narrow lets torch.export assume capacity != context
+            filled = u_past.index_select(2, torch.arange(C, device=u_past.device))
+            u_all, k_all = continuation_inputs(filled.permute(2, 0, 1, 3), k_past, u_heads, K, pad)
+            out = self.conv(u_all, k_all)[:, C:]
         else:
-            out = causal_conv_step(past, k_past, u_heads, K, pad)
+            out = causal_conv_step(u_past, k_past, u_heads, K, pad)
         return out.reshape(b, t, dim) + u * self.param_D, u.transpose(0, 1), K.transpose(0, 1)
 
 
@@ -133,10 +136,11 @@ class GatedDsConvLM(GatedLM):
 
         input_ids: (b, t) int64 for slots C..C+t-1; pad: (b,) int64, the slot of each row's position 0
         (a ragged prompt batch is padded on the left of the storage, absolute positions stay right);
-        past_u[i]: (C, b, dim_dsconv) normalised conv inputs of layer i; past_k[i]: (C, b, heads) its
-        kernel values (C may be 0). Returns logits (b, t, num_tokens) and, per layer, the new entries
-        u (t, b, dim_dsconv) and k (t, b, heads) to append at slots C..C+t-1. The convolution reads
-        the past directly: O(t * (C + t)), right for one token or a few.
+        past_u[i]: (b, heads, capacity, dim_dsconv / heads) normalised conv inputs of layer i, head-major,
+        slots 0..C-1 filled and the rest room for the tokens to come (finite, never read into a result);
+        past_k[i]: (C, b, heads) its kernel values (C may be 0). Returns logits (b, t, num_tokens) and,
+        per layer, the new entries u (t, b, dim_dsconv) and k (t, b, heads) for slots C..C+t-1. The
+        convolution reads the past directly, once: O(t * (capacity + t)), right for one token or a few.
         """
         return self._advance(input_ids, pad, past_u, past_k, False)
 
@@ -163,7 +167,7 @@ class GatedDsConvLM(GatedLM):
 
     @torch.jit.export
     def empty_state(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The state before any token: per layer, u (0, batch, dim_dsconv) and k (0, batch, heads).
+        """The state before any token: per layer, u (batch, heads, 0, dim_dsconv / heads) and k (0, batch, heads).
 
         Sizes, dtype and device come from the weights (to_weight: (heads, dim_dsconv)), so the scripted
         module answers this without the Python config.
@@ -172,6 +176,6 @@ class GatedDsConvLM(GatedLM):
         past_k: list[torch.Tensor] = []
         for layer in self.layers:
             w = layer.dsconv.to_weight.weight
-            past_u.append(w.new_zeros(0, batch, w.shape[1]))
+            past_u.append(w.new_zeros(batch, w.shape[0], 0, w.shape[1] // w.shape[0]))
             past_k.append(w.new_zeros(0, batch, w.shape[0]))
         return past_u, past_k

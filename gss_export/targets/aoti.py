@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .decoder_io import state_kind
+from .decoder_io import PAST_LAYOUT, state_kind
 from ..errors import GSSExportError
 from .signatures import quiet_tracing
 from .pt2 import build_programs
@@ -29,7 +29,7 @@ def build_and_save_aoti(model, path: Path, metadata: dict, *, conv: str = "auto"
     sizes = {k: str(getattr(c, k)) for k in ("family", "num_tokens", "max_seq_len", "depth")}
     sizes["prefill_above"] = str(metadata["export"]["prefill_above"])
     if state_kind(c) == "append":
-        sizes.update(state="append", heads=str(c.heads), dim_dsconv=str(c.dim_dsconv))
+        sizes.update(state="append", heads=str(c.heads), dim_dsconv=str(c.dim_dsconv), past_layout=PAST_LAYOUT)
     else:  # one state tensor per layer, (batch, *state_shape)
         sizes.update(state="replace", state_shape=",".join(str(d) for d in c.state_shapes()[0][1:]))
     files = {}

@@ -4,10 +4,15 @@ torch.export and the ONNX exporter trace for `step` and `prefill`.
 Two kinds of state, one per family kind (the config's `state`, `families.gated.FamilyConfig`):
 
 - "append" (GatedDsConvLM): inputs input_ids (batch, new_tokens), pad (batch,) the slot of each
-  row's position 0, past_u.i (context, batch, dim_dsconv) and past_k.i (context, batch, heads);
-  outputs logits and the new slots' entries new_u.i, new_k.i (new_tokens, batch, .), which the
-  caller appends. context >= 1: onnxruntime 1.31 dies (SIGFPE) on a zero-length past, so every
-  runtime starts from one padding slot.
+  row's position 0, past_u.i (batch, heads, capacity, dim_dsconv / heads) and past_k.i (context,
+  batch, heads); outputs logits and the new slots' entries new_u.i, new_k.i (new_tokens, batch, .),
+  which the caller writes at slots context.. (past_u head-major: new_u's (t, b, heads * d) as
+  [:, :, context:context + t, :]). past_u is the caller's whole buffer: its first context slots are
+  filled, the rest is room for the tokens to come (finite: zeros), so the step reads it as it lies,
+  once, with no transpose and no copy; the context comes from past_k. context >= 1: onnxruntime 1.31
+  dies (SIGFPE) on a zero-length past, so every runtime starts from one padding slot. Exports made
+  before the head-major past (past_u.i (context, batch, dim_dsconv)) are refused by the runtimes
+  (`past_layout` below), with a message to re-export.
 - "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): inputs input_ids, pad (batch,) the
   leading padding positions of each row in this call, state.i (batch, ...) of a fixed shape;
   outputs logits and new_state.i, the whole state after the call, of the same shape. Where the
@@ -22,6 +27,11 @@ import torch
 from torch import nn
 
 from .signatures import MAX_BATCH
+
+
+# the appended past's layout: past_u head-major over the caller's whole buffer (the runtimes refuse exports
+# without this key, made when past_u was slot-major, (context, batch, dim_dsconv))
+PAST_LAYOUT = "u_head_major"
 
 
 def state_kind(config) -> str:
@@ -55,12 +65,14 @@ def describe(config) -> dict:
 
     if kind == "append":
         widths = [c.dim_dsconv] * c.depth + [c.heads] * c.depth
+        past = [["batch", c.heads, "capacity", c.dim_dsconv // c.heads]] * c.depth + [["context", "batch", c.heads]] * c.depth
         return {
             "state": kind,
+            "past_layout": PAST_LAYOUT,
             "prefill_above": above,
             "inputs": [{**ids, "doc": "tokens for slots context..context+new_tokens-1"},
                        {"name": "pad", "dtype": "int64", "shape": ["batch"], "doc": "slot of each row's position 0: padding slots before it are never read"},
-                       *tensors(input_names(c)[2:], [["context", "batch", w] for w in widths])],
+                       *tensors(input_names(c)[2:], past)],
             "outputs": [logits, *tensors(output_names(c)[1:], [["new_tokens", "batch", w] for w in widths])],
             "state_bytes_per_token": 4 * c.depth * (c.dim_dsconv + c.heads),
         }
@@ -115,8 +127,10 @@ def step_signature(config, one_token: bool = False, max_batch: int = MAX_BATCH, 
         return example, {"input_ids": {0: batch}, "pad": {0: batch}, "state": ([{0: batch}] * c.depth,)}
     if state_kind(c) == "append":
         context = torch.export.Dim("context", min=1, max=c.max_seq_len + 1)
-        example = (ids, pad, [torch.zeros(5, 2, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(5, 2, c.heads) for _ in range(c.depth)])
+        capacity = torch.export.Dim("capacity", min=1, max=c.max_seq_len + 1)
+        example = (ids, pad, [torch.zeros(2, c.heads, 7, c.dim_dsconv // c.heads) for _ in range(c.depth)],
+                   [torch.zeros(5, 2, c.heads) for _ in range(c.depth)])
         return example, {"input_ids": {0: batch, 1: new}, "pad": {0: batch},
-                         "state": ([{0: context, 1: batch}] * c.depth, [{0: context, 1: batch}] * c.depth)}
+                         "state": ([{0: batch, 2: capacity}] * c.depth, [{0: context, 1: batch}] * c.depth)}
     example = (ids, pad, [torch.zeros(2, *s[1:]) for s in c.state_shapes()])
     return example, {"input_ids": {0: batch, 1: new}, "pad": {0: batch}, "state": ([{0: batch}] * c.depth,)}

@@ -152,7 +152,7 @@ class PteProgram:
         method, append = self.methods[name], state_kind(self.config) == "append"
 
         def run(ids, pad, *state):
-            self._check(ids, state[0][0].shape[0] if append else 0)
+            self._check(ids, state[1][0].shape[0] if append else 0)  # the context: k (context, b, heads)
             flat = [t.contiguous() for group in state for t in group]
             return tuple(method.execute([ids.contiguous(), pad.contiguous(), *flat]))
 

@@ -5,7 +5,7 @@ The same interface as `gss_runtime.Decoder` over decoder.onnx and prefill.onnx (
 step, the same choice of graph by length), so one validation (`validation.validate_decoder`) checks
 every target's incremental decoding. A state is a value: feeding returns a new one and leaves the old
 one usable. For an appended state (GatedDsConvLM) it is (pad, past_u, past_k), the past growing by the
-returned entries; for a recurrent one (pending pad, per-layer states), replaced whole at each call.
+returned entries (u head-major, (b, heads, slots, d)); for a recurrent one (pending pad, per-layer states), replaced whole at each call.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class TorchDecoder:
         pad = torch.as_tensor(np.asarray(pads, np.int64))
         b = len(pad)
         if self.kind == "append":
-            return pad + 1, [torch.zeros(1, b, c.dim_dsconv) for _ in range(c.depth)], [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
+            u = [torch.zeros(b, c.heads, 1, c.dim_dsconv // c.heads) for _ in range(c.depth)]
+            return pad + 1, u, [torch.zeros(1, b, c.heads) for _ in range(c.depth)]
         return pad, [torch.zeros(b, *s[1:]) for s in c.state_shapes()]
 
     def feed(self, input_ids, state, whole: bool | None = None):
@@ -60,8 +61,11 @@ class TorchDecoder:
         logits = out[0]
         if self.kind == "append":
             new_u, new_k = (out[1], out[2]) if nested else (out[1 : 1 + depth], out[1 + depth :])
-            grown = [[torch.cat([old, new]) for old, new in zip(past, entries)] for past, entries in zip(tensors, (new_u, new_k))]
-            return logits.numpy(), (pad, *grown)
+            # u head-major: (t, b, heads * d) entries become (b, heads, t, d) slots; the past is exactly its slots here (no room)
+            b, h = ids.shape[0], self.config.heads
+            u = [torch.cat([old, new.reshape(new.shape[0], b, h, -1).permute(1, 2, 0, 3)], 2) for old, new in zip(tensors[0], new_u)]
+            k = [torch.cat([old, new]) for old, new in zip(tensors[1], new_k)]
+            return logits.numpy(), (pad, u, k)
         new_state = list(out[1]) if nested else list(out[1:])
         return logits.numpy(), (pad - call_pad, new_state)
 

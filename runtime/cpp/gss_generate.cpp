@@ -41,6 +41,7 @@ struct UsageError : std::runtime_error {
 
 // longer prompts go through prefill unless the export names its family's own threshold (prefill_above)
 constexpr int64_t kPrefillAbove = 128;
+constexpr const char* kPastLayout = "u_head_major";  // config.json's past_layout for a head-major appended past (decoder_io.py)
 constexpr int64_t kPrefillChunk = 256;  // without prefill: keeps each chunk's (t, context + t) kernel taps cache-sized
 
 // A loaded model behind one interface. step's and prefill's inputs and outputs are flat, in the ONNX
@@ -98,6 +99,8 @@ Model load_torchscript(const fs::path& path) {
     throw UsageError(path.string() + " is not a gss-export GatedDsConvLM, GatedStateSpacesLM or GatedExponentialSmoothingLM "
                      "(no to_logits, mixer layers or max_seq_len)");
   m.state = m.family == "dsconv" ? "append" : "replace";
+  if (m.state == "append" && extra["config.json"].find("\"past_layout\": \"" + std::string(kPastLayout) + "\"") == std::string::npos)
+    throw UsageError(path.string() + " was exported before the decoder's past became head-major; re-export it with gss-export --format torchscript");
   m.max_seq_len = module->attr("max_seq_len").toInt();
   m.forward = [module](const torch::Tensor& ids) { return module->forward({ids}).toTensor(); };
   const auto depth = m.depth;
@@ -154,6 +157,8 @@ Model load_aoti(const fs::path& path) {
   m.depth = size("depth");
   m.prefill_above = meta.count("prefill_above") ? size("prefill_above") : kPrefillAbove;
   if (m.state == "append") {
+    if (!meta.count("past_layout") || meta.at("past_layout") != kPastLayout)
+      throw UsageError(path.string() + " was exported before the decoder's past became head-major; re-export it with gss-export --format aoti");
     m.heads = size("heads");
     m.dim_dsconv = size("dim_dsconv");
   } else if (m.state == "replace") {
@@ -187,9 +192,11 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
   return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
 }
 
-// The decoder's state for one row. "append": slot-major buffers (capacity, 1, width) for the whole
-// run, `filled` slots in use; slot 0 is padding (pad = 1 says position 0 is slot 1): the exported
-// steps take a past of at least one slot. "replace": one (1, *state_shape) tensor per layer, zeros
+// The decoder's state for one row. "append": buffers for the whole run, u head-major (1, heads,
+// capacity, head_dim), k slot-major (capacity, 1, heads), `filled` slots in use; slot 0 is padding
+// (pad = 1 says position 0 is slot 1): the exported steps take a past of at least one slot. u goes in
+// whole (its room is zeros, never read into a result: the step reads the buffer as it lies), k as a
+// view of its filled slots, which tells the step the context. "replace": one (1, *state_shape) tensor per layer, zeros
 // to start, swapped for the step's output (pad = 0: no leading padding in a single row).
 class Decoder {
  public:
@@ -201,8 +208,9 @@ class Decoder {
       for (int64_t i = 0; i < m.depth; ++i) state_.push_back(torch::zeros(shape));
       return;
     }
-    for (int64_t i = 0; i < 2 * m.depth; ++i)
-      state_.push_back(torch::zeros({capacity + 1, 1, i < m.depth ? m.dim_dsconv : m.heads}));
+    depth_ = m.depth;
+    for (int64_t i = 0; i < m.depth; ++i) state_.push_back(torch::zeros({1, m.heads, capacity + 1, m.dim_dsconv / m.heads}));
+    for (int64_t i = 0; i < m.depth; ++i) state_.push_back(torch::zeros({capacity + 1, 1, m.heads}));
   }
 
   bool has_prefill() const { return static_cast<bool>(prefill_); }
@@ -211,14 +219,22 @@ class Decoder {
   // through prefill (same results, full-sequence cost) instead of step.
   torch::Tensor feed(const std::vector<int64_t>& ids, bool whole = false) {
     Tensors in{ids_tensor(ids), pad_};
-    for (const auto& s : state_) in.push_back(replace_ ? s : s.narrow(0, 0, filled_));  // the filled slots as views, no copy
+    for (size_t i = 0; i < state_.size(); ++i)  // u whole, k's filled slots as a view: no copy
+      in.push_back(replace_ || static_cast<int64_t>(i) < depth_ ? state_[i] : state_[i].narrow(0, 0, filled_));
     auto out = whole ? prefill_(in) : step_(in);
     if (replace_) {
       state_.assign(out.begin() + 1, out.end());
       return out[0];
     }
     const auto t = static_cast<int64_t>(ids.size());
-    for (size_t i = 0; i < state_.size(); ++i) state_[i].narrow(0, filled_, t).copy_(out[i + 1]);
+    for (size_t i = 0; i < state_.size(); ++i) {
+      if (static_cast<int64_t>(i) < depth_) {  // new u entries (t, 1, heads * d) -> slots filled_.. of (1, heads, capacity, d)
+        auto& u = state_[i];
+        u.narrow(2, filled_, t).copy_(out[i + 1].reshape({t, 1, u.size(1), u.size(3)}).permute({1, 2, 0, 3}));
+      } else {
+        state_[i].narrow(0, filled_, t).copy_(out[i + 1]);
+      }
+    }
     filled_ += t;
     return out[0];
   }
@@ -229,6 +245,7 @@ class Decoder {
   torch::Tensor pad_;
   Tensors state_;
   int64_t filled_ = 1;
+  int64_t depth_ = 0;  // "append": state_ holds depth_ u buffers, then depth_ k buffers
 };
 
 // How the prompt went in: "prefill" (one call; pieces for a recurrent prompt longer than max_seq_len),

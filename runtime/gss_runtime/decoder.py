@@ -10,12 +10,14 @@ left of the call and `pad` says how many leading positions of each row are paddi
 nothing); later calls have none.
 
 GatedDsConvLM ("append"): per layer the state holds the normalised conv inputs and kernel values of every
-slot so far, slot-major: (slots, batch, width). The graphs return only the new slots' entries;
-they are appended in place to buffers with spare capacity, and the filled part goes back to the
-graph as a view, so a step copies nothing that grows with the context. Ragged prompts are padded
-on the left of the storage with `pad` telling each row where its position 0 is, so every row
+slot so far: u head-major, (batch, heads, capacity, head_dim), k slot-major, (capacity, batch, heads).
+The graphs return only the new slots' entries, written in place into buffers with spare capacity;
+the step reads u's whole buffer as it lies (its room past the filled slots is zeros, which the graph
+never reads into a result) and k's filled part as a view, so a step copies nothing that grows with the
+context and reads the past once, with no transpose. Ragged prompts are padded on the left of the storage with `pad` telling each row where its position 0 is, so every row
 appends at the same slot while the kernel still sees absolute positions (left padding of the
-*tokens*, as a plain model would see it, would change results).
+*tokens*, as a plain model would see it, would change results). Exports made before this layout
+(u slot-major, (context, batch, dim_dsconv)) are refused, with a message to re-export.
 
 The two graphs have one interface and give the same results; they differ in cost. `decoder.onnx`
 reads the past directly, O(t * (context + t)) for t new tokens: a step. `prefill.onnx` runs the
@@ -48,31 +50,70 @@ PREFILL_ABOVE = 128
 PREFILL_CHUNK = 256
 
 
+# config.json's export.decoder.past_layout for the head-major past (gss_export.targets.decoder_io)
+PAST_LAYOUT = "u_head_major"
+
+
+def _at(a: np.ndarray, slots, rows) -> tuple:
+    """The index of `slots` (a slice) of `rows` in an appended state's buffer: u (rows, heads, slots, d) or k (slots, rows, heads)."""
+    return (rows, slice(None), slots) if a.ndim == 4 else (slots, rows)
+
+
+def _with_capacity(a: np.ndarray, capacity: int, rows: int | None = None) -> np.ndarray:
+    """Zeros shaped as buffer `a` with `capacity` slots (and `rows` rows): zeros, since the step reads u's room."""
+    shape = list(a.shape)
+    shape[2 if a.ndim == 4 else 0] = capacity
+    if rows is not None:
+        shape[0 if a.ndim == 4 else 1] = rows
+    return np.zeros(shape, np.float32)  # calloc: pages the step only reads stay the kernel's shared zero page
+
+
 class _Slots:
-    """Growable slot-major buffers, one per state tensor; `filled` slots are in use.
+    """Growable buffers, one per state tensor (u head-major, then k slot-major); `filled` slots are in use.
 
     Growth copies every filled slot into new buffers, a stall that grows with the context (363 ms after a
     16,384-token prompt at dim 512, against 17 ms for a step). So whoever knows how many tokens are to
     come reserves them at once (`room`: prefill, feed, rows, repack's `spare`; the Generator and gss-serve
     always do) and steps then never grow the buffers. A feed past the reserve doubles the capacity (at
     least 64 slots), never beyond max_seq_len: amortised one copy per token, memory at most twice the
-    state's.
+    state's. The room is zeros that a step reads but that never enter a result; untouched, they cost no
+    memory (the kernel's zero page) and little time.
     """
 
     def __init__(self, arrays: list[np.ndarray], filled: int):
         self.arrays, self.filled = arrays, filled
         self.lock = threading.Lock()  # claiming slots is check-then-write: states fed from two threads
 
+    @property
+    def capacity(self) -> int:
+        return self.arrays[-1].shape[0]  # a k buffer: (capacity, rows, heads)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot of one row holds, over every buffer."""
+        return sum(a.itemsize * (a.shape[1] * a.shape[3] if a.ndim == 4 else a.shape[2]) for a in self.arrays)
+
+    def copy(self, slots: int) -> "_Slots":
+        """The first `slots` slots in new buffers of that capacity."""
+        arrays = []
+        for a in self.arrays:
+            new = _with_capacity(a, slots)
+            new[_at(new, slice(0, slots), slice(None))] = a[_at(a, slice(0, slots), slice(None))]
+            arrays.append(new)
+        return _Slots(arrays, slots)
+
     def reserve(self, slots: int, limit: int, room: int = 0) -> None:
         """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
         fewer (never past `limit`, the most slots a row can fill)."""
         capacity = min(slots + max(room, 0), max(limit, slots))
-        if capacity > self.arrays[0].shape[0]:
+        if capacity > self.capacity:
             if room <= 0:  # nothing reserved: double
-                capacity = min(max(slots, 2 * self.arrays[0].shape[0], 64), max(limit, slots))
-            grown = [np.empty((capacity, *a.shape[1:]), np.float32) for a in self.arrays]
-            for new, old in zip(grown, self.arrays):
-                new[: self.filled] = old[: self.filled]
+                capacity = min(max(slots, 2 * self.capacity, 64), max(limit, slots))
+            grown = []
+            for old in self.arrays:
+                new = _with_capacity(old, capacity)
+                new[_at(new, slice(0, self.filled), slice(None))] = old[_at(old, slice(0, self.filled), slice(None))]
+                grown.append(new)
             self.arrays = grown
 
 
@@ -95,7 +136,7 @@ class DecoderState:
 
     @property
     def nbytes(self) -> int:
-        return sum(a[: self.length].nbytes for a in self.slots.arrays)
+        return self.length * len(self.pad) * self.slots.slot_bytes
 
     @property
     def held_bytes(self) -> int:
@@ -138,16 +179,15 @@ class DecoderState:
         mine = self.slots.arrays
         arrays = []
         for i in range(len(mine)):
-            # uninitialised past `length` (feeds write those slots); the leading padding slots are zeros
-            joined = np.empty((length + spare, total, mine[i].shape[2]), np.float32)
-            joined[: length - mine_length, : len(keep)] = 0
+            # zeros: the leading padding slots and the room past `length` (feeds write those slots; the step reads u's room)
+            joined = _with_capacity(mine[i], length + spare, total)
             for j, row in enumerate(keep):  # row by row: no temporary copy of the whole state
-                joined[length - mine_length : length, j] = mine[i][drop : self.length, row]
+                joined[_at(joined, slice(length - mine_length, length), j)] = mine[i][_at(mine[i], slice(drop, self.length), row)]
             column = len(keep)
             for o in others:
                 end = column + len(o.pad)
-                joined[: length - o.length, column:end] = 0
-                joined[length - o.length : length, column:end] = o.slots.arrays[i][: o.length]
+                src = o.slots.arrays[i]
+                joined[_at(joined, slice(length - o.length, length), slice(column, end))] = src[_at(src, slice(0, o.length), slice(None))]
                 column = end
             if consume:
                 mine[i] = None
@@ -230,6 +270,10 @@ class Decoder:
         # more new tokens than this go to prefill.onnx: the family's measured crossover, as the export recorded it
         self.prefill_above = int(json.loads(meta("gss_export.prefill_above", str(PREFILL_ABOVE))))
         if self.kind == "append":
+            if json.loads(meta("gss_export.past_layout", "null")) != PAST_LAYOUT:
+                raise RuntimeInputError(
+                    f"{self.path} was exported before the decoder's past became head-major (u as (batch, heads, "
+                    f"capacity, head_dim)); this runtime reads only that layout: re-export it with gss-export")
             self.past_names = [f"past_u.{i}" for i in range(depth)] + [f"past_k.{i}" for i in range(depth)]
             self.new_names = [f"new_u.{i}" for i in range(depth)] + [f"new_k.{i}" for i in range(depth)]
         else:  # names and fixed shapes as the export wrote them down
@@ -271,9 +315,10 @@ class Decoder:
         if self.kind != "append":
             pad = np.asarray(pad, np.int64)
             return RecurrentState(pad, np.zeros_like(pad), [np.zeros((len(pad), *s), np.float32) for s in self.state_shapes])
-        widths = [c["dim_dsconv"]] * c["depth"] + [c["heads"]] * c["depth"]
         pad = np.asarray(pad, np.int64) + 1
-        return DecoderState(pad, 1, _Slots([np.zeros((1, len(pad), w), np.float32) for w in widths], 1))
+        heads, b = c["heads"], len(pad)
+        u = [np.zeros((b, heads, 1, c["dim_dsconv"] // heads), np.float32) for _ in range(c["depth"])]
+        return DecoderState(pad, 1, _Slots(u + [np.zeros((1, b, heads), np.float32) for _ in range(c["depth"])], 1))
 
     def feed(self, input_ids, state: DecoderState, whole: bool | None = None, room: int = 0) -> tuple[np.ndarray, DecoderState]:
         """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state.
@@ -305,15 +350,23 @@ class Decoder:
         slots = state.slots
         with slots.lock:
             if slots.filled != state.length:  # another state already grew these buffers: branch off a copy
-                slots = _Slots([a[: state.length].copy() for a in slots.arrays], state.length)
+                slots = slots.copy(state.length)
             slots.reserve(state.length + t, limit + int(state.pad.max(initial=0)), room)
             slots.filled = state.length + t  # claimed before the call: a second feed of `state` branches off
-        # the past goes in as views of the buffers and the graph writes the new entries straight into
-        # their slots: nothing that grows with the context is copied
+        # u goes in as its whole buffer (the graph takes the context from k), k as a view of its filled slots;
+        # the graph writes the new k entries straight into their slots and the new u entries (t, b, heads * d)
+        # into a small buffer moved into place here: nothing that grows with the context is copied
         session = self.prefill_session if whole else self.session
-        feeds = {"input_ids": ids, "pad": state.pad, **{name: past[: state.length] for name, past in zip(self.past_names, slots.arrays)}}
-        into = {name: buffer[state.length : state.length + t] for name, buffer in zip(self.new_names, slots.arrays)}
-        return session.run_into(feeds, into), DecoderState(state.pad, state.length + t, slots)
+        depth, L = self.config["depth"], state.length
+        feeds = {"input_ids": ids, "pad": state.pad, **dict(zip(self.past_names[:depth], slots.arrays[:depth])),
+                 **{name: past[:L] for name, past in zip(self.past_names[depth:], slots.arrays[depth:])}}
+        fresh = [np.empty((t, len(state.pad), a.shape[1] * a.shape[3]), np.float32) for a in slots.arrays[:depth]]
+        into = {**dict(zip(self.new_names[:depth], fresh)),
+                **{name: buffer[L : L + t] for name, buffer in zip(self.new_names[depth:], slots.arrays[depth:])}}
+        logits = session.run_into(feeds, into)
+        for buffer, entries in zip(slots.arrays[:depth], fresh):
+            buffer[:, :, L : L + t] = entries.reshape(t, buffer.shape[0], buffer.shape[1], buffer.shape[3]).transpose(1, 2, 0, 3)
+        return logits, DecoderState(state.pad, L + t, slots)
 
     def prefill(self, prompts: Sequence[Sequence[int]], every: bool = False, room: int = 0) -> tuple[np.ndarray, DecoderState]:
         """Prompts of any lengths -> logits after each prompt's last token (b, num_tokens), and the state,

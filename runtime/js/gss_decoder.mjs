@@ -5,9 +5,11 @@
 // `load(name)` function returning a file of the model folder as bytes, so the same loop runs in both.
 // Same algorithm as runtime/gss_runtime/decoder.py (batch 1). config.json's export.decoder says which of two
 // kinds of state the family carries, with the state's names and shapes:
-// - "append" (GatedDsConvLM): the state is slot-major (slots, 1, width) per layer; the graph returns only the
-//   new slots' entries and we append them to preallocated buffers, handing the filled part back as a
-//   subarray view (nothing is copied that grows with the context). The context is limited by max_seq_len.
+// - "append" (GatedDsConvLM): per layer u head-major (1, heads, capacity, head_dim) and k slot-major
+//   (slots, 1, heads), in buffers preallocated for the whole run; the graph returns only the new slots'
+//   entries, which we write into them. u goes in whole (its room is zeros, which the step never reads
+//   into a result), k as a subarray view of its filled slots: nothing is copied that grows with the
+//   context. The context is limited by max_seq_len. Exports made before this layout are refused.
 // - "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): per layer one tensor of a fixed shape,
 //   batch first, which the graph returns whole and which replaces the old one; it starts from zeros and the
 //   context is unlimited (only one call's new tokens are limited by max_seq_len).
@@ -21,6 +23,7 @@ const CONFIG_KEYS = ['num_tokens', 'dim', 'depth', 'max_seq_len'];
 // what only the dsconv family's config has (its state's widths, for exports whose config.json lists no state)
 const FAMILY_KEYS = { dsconv: ['heads', 'dim_dsconv'], gss: [], mhesa: [] };
 const STATE_KINDS = ['append', 'replace'];
+const PAST_LAYOUT = 'u_head_major'; // config.json's export.decoder.past_layout for the head-major past (decoder_io.py)
 
 /** A bad argument, model folder or prompt: callers show `message` (no stack) and stop. */
 export class GssInputError extends Error {
@@ -181,7 +184,7 @@ export class GssDecoder {
     // one zero padding slot first: onnxruntime dies (SIGFPE) on a zero-length past; pad = [1] says
     // position 0 is at slot 1, so that slot is never read. Capacity for everything that will be fed.
     const capacity = 1 + tokens;
-    return { filled: 1, buffers: this.sizes.map((w) => new Float32Array(capacity * w)) };
+    return { filled: 1, capacity, buffers: this.sizes.map((w) => new Float32Array(capacity * w)) };
   }
 
   /** Feed ids through `session` and update the state with what it returns; the logits after the last id. */
@@ -194,14 +197,25 @@ export class GssDecoder {
       // padding positions, none for a single row
       pad: new Tensor('int64', BigInt64Array.of(append ? 1n : 0n), [1]),
     };
+    const depth = this.config.depth;
     this.pastNames.forEach((name, i) => {
-      feeds[name] = append
-        ? new Tensor('float32', state.buffers[i].subarray(0, state.filled * this.sizes[i]), [state.filled, 1, ...this.shapes[i]])
-        : new Tensor('float32', state.arrays[i], [1, ...this.shapes[i]]);
+      if (!append) feeds[name] = new Tensor('float32', state.arrays[i], [1, ...this.shapes[i]]);
+      else if (i < depth) feeds[name] = new Tensor('float32', state.buffers[i], [1, this.shapes[i][0], state.capacity, this.shapes[i][1]]);
+      else feeds[name] = new Tensor('float32', state.buffers[i].subarray(0, state.filled * this.sizes[i]), [state.filled, 1, ...this.shapes[i]]);
     });
     const out = await session.run(feeds);
     if (append) {
-      this.newNames.forEach((name, i) => state.buffers[i].set(out[name].data, state.filled * this.sizes[i]));
+      this.newNames.forEach((name, i) => {
+        const entries = out[name].data; // (t, 1, width)
+        if (i >= depth) return state.buffers[i].set(entries, state.filled * this.sizes[i]);
+        const [heads, d] = this.shapes[i]; // u: slot filled + j of head h starts at (h * capacity + filled + j) * d
+        for (let j = 0; j < ids.length; j++) {
+          for (let h = 0; h < heads; h++) {
+            const from = (j * heads + h) * d;
+            state.buffers[i].set(entries.subarray(from, from + d), (h * state.capacity + state.filled + j) * d);
+          }
+        }
+      });
       state.filled += ids.length;
     } else {
       this.newNames.forEach((name, i) => (state.arrays[i] = out[name].data)); // the whole state after this call
@@ -213,31 +227,29 @@ export class GssDecoder {
 
 /**
  * The decoder's state from config.json's export.decoder: {kind, pastNames, newNames, shapes}, where
- * shapes[i] is state tensor i's shape without its batch axis (appended: without its slot axis either).
+ * shapes[i] is state tensor i's fixed sizes: without its batch axis (appended: without its slot axis either,
+ * u's as [heads, head_dim]).
  */
 function stateSpec(config, decoder) {
   const kind = decoder?.state ?? 'append'; // absent in exports made before the recurrent families
   if (!STATE_KINDS.includes(kind)) {
     throw new GssInputError(`config.json's export.decoder.state is ${JSON.stringify(kind)}; this runtime knows ${STATE_KINDS.join(', ')}`);
   }
+  if (kind === 'append' && decoder?.past_layout !== PAST_LAYOUT) {
+    throw new GssInputError(
+      "this export was made before the decoder's past became head-major; re-export it with gss-export --format onnx",
+    );
+  }
   if (!Array.isArray(decoder?.inputs) || !Array.isArray(decoder?.outputs)) {
-    if (kind !== 'append' || config.family !== 'dsconv') {
-      throw new GssInputError("config.json lacks export.decoder's inputs and outputs; re-export with gss-export --format onnx");
-    }
-    // dsconv's names and widths, as every export of it has them
-    const layers = [...Array(config.depth).keys()];
-    return {
-      kind,
-      pastNames: [...layers.map((i) => `past_u.${i}`), ...layers.map((i) => `past_k.${i}`)],
-      newNames: [...layers.map((i) => `new_u.${i}`), ...layers.map((i) => `new_k.${i}`)],
-      shapes: [...layers.map(() => [config.dim_dsconv]), ...layers.map(() => [config.heads])],
-    };
+    throw new GssInputError("config.json lacks export.decoder's inputs and outputs; re-export with gss-export --format onnx");
   }
   const past = decoder.inputs.slice(2);
   const fresh = decoder.outputs.slice(1);
-  const axes = kind === 'append' ? 2 : 1; // (context, batch, ...) or (batch, ...)
-  const shapes = past.map((t) => {
-    const fixed = Array.isArray(t?.shape) ? t.shape.slice(axes) : null;
+  // the fixed sizes: u (batch, heads, capacity, d) -> [heads, d]; k (context, batch, heads) -> [heads]; a recurrent state's without batch
+  const fixedOf = (shape, i) =>
+    kind !== 'append' ? shape.slice(1) : i < config.depth ? [shape[1], shape[3]] : shape.slice(2);
+  const shapes = past.map((t, i) => {
+    const fixed = Array.isArray(t?.shape) ? fixedOf(t.shape, i) : null;
     if (typeof t?.name !== 'string' || !fixed?.length || !fixed.every((d) => Number.isInteger(d) && d > 0)) {
       throw new GssInputError(`config.json's export.decoder.inputs has a state without a name and fixed sizes: ${JSON.stringify(t)}`);
     }

@@ -90,7 +90,7 @@ def _ready(state, spare: int) -> bool:
     buffers it extends itself with exactly `spare` free slots (what the budget reserved for it)."""
     if not isinstance(state, DecoderState):
         return True
-    return state.slots.filled == state.length and state.slots.arrays[0].shape[0] - state.length == spare
+    return state.slots.filled == state.length and state.slots.capacity - state.length == spare
 
 
 def _slots(state) -> int:

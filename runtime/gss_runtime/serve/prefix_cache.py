@@ -215,15 +215,15 @@ def _row_bytes(state: State, row: int) -> int:
     position 0 plus one padding slot (copied)."""
     if isinstance(state, RecurrentState):
         return sum(a[row].nbytes for a in state.arrays)
-    slots = state.slots.arrays[0].shape[0] if _shareable(state) else int(state.tokens[row]) + 1
-    return slots * sum(a.itemsize * a.shape[2] for a in state.slots.arrays)
+    slots = state.slots.capacity if _shareable(state) else int(state.tokens[row]) + 1
+    return slots * state.slots.slot_bytes
 
 
 def _shareable(state: State) -> bool:
     """Whether an appended state's buffers can be a snapshot as they are: one row, no padding but the one slot
     a past needs, spare capacity at most a quarter of them (each copy of a long past costs tens of ms, most
     of it the kernel's first touch of new memory)."""
-    capacity = state.slots.arrays[0].shape[0]
+    capacity = state.slots.capacity
     return len(state.pad) == 1 and state.pad[0] == 1 and capacity - state.length <= state.length // 4
 
 
