@@ -26,12 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gss_runtime.decoder import PAST_LAYOUT  # the appended past's layout, as the runtime reads it
+
 from .signatures import MAX_BATCH
-
-
-# the appended past's layout: past_u head-major over the caller's whole buffer (the runtimes refuse exports
-# without this key, made when past_u was slot-major, (context, batch, dim_dsconv))
-PAST_LAYOUT = "u_head_major"
 
 
 def state_kind(config) -> str:

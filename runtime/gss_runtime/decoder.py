@@ -50,7 +50,8 @@ PREFILL_ABOVE = 128
 PREFILL_CHUNK = 256
 
 
-# config.json's export.decoder.past_layout for the head-major past (gss_export.targets.decoder_io)
+# the appended past's layout, config.json's export.decoder.past_layout (gss_export's decoder_io writes this
+# value): u head-major over the caller's whole buffer; exports without it (u slot-major) are refused
 PAST_LAYOUT = "u_head_major"
 
 
@@ -93,11 +94,11 @@ class _Slots:
         """Bytes one slot of one row holds, over every buffer."""
         return sum(a.itemsize * (a.shape[1] * a.shape[3] if a.ndim == 4 else a.shape[2]) for a in self.arrays)
 
-    def copy(self, slots: int) -> "_Slots":
-        """The first `slots` slots in new buffers of that capacity."""
+    def copy(self, slots: int, capacity: int | None = None) -> "_Slots":
+        """The first `slots` slots in new buffers of `capacity` slots (default: just those)."""
         arrays = []
         for a in self.arrays:
-            new = _with_capacity(a, slots)
+            new = _with_capacity(a, slots if capacity is None else capacity)
             new[_at(new, slice(0, slots), slice(None))] = a[_at(a, slice(0, slots), slice(None))]
             arrays.append(new)
         return _Slots(arrays, slots)
@@ -109,12 +110,7 @@ class _Slots:
         if capacity > self.capacity:
             if room <= 0:  # nothing reserved: double
                 capacity = min(max(slots, 2 * self.capacity, 64), max(limit, slots))
-            grown = []
-            for old in self.arrays:
-                new = _with_capacity(old, capacity)
-                new[_at(new, slice(0, self.filled), slice(None))] = old[_at(old, slice(0, self.filled), slice(None))]
-                grown.append(new)
-            self.arrays = grown
+            self.arrays = self.copy(self.filled, capacity).arrays
 
 
 @dataclass(frozen=True)
