@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from byte_corpus import load_corpus  # noqa: E402
 
 NEW = 24
+LONG_NEW = 600  # past the 256 slots of headroom a short prompt's state keeps
 SHORT_LIMIT = 40  # a second export with a small max_seq_len, to reach the limit quickly
 
 
@@ -81,6 +82,12 @@ def torch_free(tmp_path_factory, prompts):
             grown.clear()
             ended = gen.generate(batch_prompts, {NEW}, stop_sequences=stops, sampling=hot, seed=7)
             res["growths"].append([sum(grown), len(grown), ended.stop_reasons])
+        # a generation past the headroom: u's room, which every step multiplies, stays within it as the state grows
+        def watch(slots, needed, *args):
+            reserve(slots, needed, *args)
+            res["long_capacities"].append([needed, slots.capacity])
+        decoder_module._Slots.reserve, res["long_capacities"] = watch, []
+        res["long"] = gen.generate(prompts["17"], {LONG_NEW}).tokens[0]
         decoder_module._Slots.reserve = reserve
         streamed_stop = []
         gen.generate(prompts["17"], {NEW}, stop_sequences=[greedy[6:8]], on_token=lambda row, t: streamed_stop.append(t))
@@ -157,6 +164,21 @@ def test_max_seq_len_stops_or_slides_like_upstream(torch_free, example_upstream,
     assert res["limit_stop"]["tokens"][0] == eager_greedy(example_upstream, prompt, 11)
     assert res["limit_slide"]["stop_reasons"] == ["max_new_tokens"]
     assert res["limit_slide"]["tokens"][0] == eager_greedy(example_upstream, prompt, 20, window=SHORT_LIMIT)
+
+
+def test_a_long_generation_keeps_little_room_and_stays_exact(torch_free, example_upstream, prompts):
+    """Steps multiply u's whole buffer, room included, so a generation reserves at most `headroom` (256 slots
+    here, an eighth of longer states) and grows by as much when it runs out: a few copies, never a step over
+    thousands of empty slots. The tokens are upstream's."""
+    from gss_runtime.decoder import headroom
+
+    res, _ = torch_free
+    capacities = res["long_capacities"]
+    assert len(capacities) == LONG_NEW  # the prefill, then a step per token but the last
+    assert all(needed <= capacity <= needed + headroom(needed) for needed, capacity in capacities), capacities
+    grown = sorted({capacity for _, capacity in capacities})
+    assert grown == [18 + 256, 275 + 256, 532 + 256], grown  # 17 tokens and the padding slot, then twice past it
+    assert res["long"] == eager_greedy(example_upstream, prompts[17], LONG_NEW)
 
 
 def test_state_memory_per_token(torch_free):

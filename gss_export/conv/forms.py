@@ -135,26 +135,32 @@ def causal_conv_step(
     """
     C, t, capacity = k_past.shape[0], u_new.shape[1], u_past.shape[2]
     b, h, n = k_new.shape[0], k_new.shape[2], C + t
-    k_all = torch.cat([k_past.permute(1, 2, 0), k_new.permute(0, 2, 1)], dim=2)  # (b, h, n)
-    slots = torch.arange(n, device=u_new.device)
-    # row b's kernel by lag, read from its position 0 on: kern[b, :, l] = k[pad[b] + l] (clamped past the last
-    # slot: such lags only pair with padding slots, masked below)
-    at = (slots.unsqueeze(0) + pad.unsqueeze(1)).clamp(max=n - 1)  # (b, n)
-    kern = torch.gather(k_all, 2, at.unsqueeze(1).expand(-1, h, -1))
-    # the taps are a Toeplitz matrix of it: taps[.., j, m] = kern[C + j - m], zero for a future slot (a negative
-    # lag). Reversed and zero-padded, that is rev[t - 1 - j + m], one Gather with an index shared by every
-    # row and head, where building it per (row, position, slot, head) and masking it took 70% of a 64-token call
-    rev = torch.cat([kern.flip(-1), kern.new_zeros(b, h, t)], dim=2)  # (b, h, n + t); Pad would need opset 18
-    rows = (t - 1 - torch.arange(t, device=u_new.device)).unsqueeze(1)  # (t, 1)
-    # over the past's whole capacity: slots from C on are the room (zero taps), slots before pad padding
-    held = torch.arange(capacity, device=u_new.device)
-    past_taps = rev.index_select(2, (rows + held).clamp(max=n + t - 1).reshape(-1)).reshape(b, h, t, capacity)
-    past_taps = past_taps * ((held < C) & (held >= pad.view(-1, 1, 1, 1))).to(past_taps.dtype)
-    fresh = C + torch.arange(t, device=u_new.device)
-    new_taps = rev[:, :, rows + fresh]  # (b, h, t, t): indexed whole, as a flat t * t index ExecuTorch cannot size
-    new_taps = new_taps * (fresh >= pad.view(-1, 1, 1, 1)).to(new_taps.dtype)
+    # the kernel values as rows of h, one per (slot, batch row), with a zero row last for every tap that must
+    # vanish (padding, the future, the room): each tap is then one row, the taps one Gather of 32-byte rows.
+    # Building them head-major (transpose, flip, per-element gathers, a mask) cost a third of a 16k step.
+    k_rows = torch.cat([k_past, k_new.transpose(0, 1), k_new.new_zeros(1, b, h)]).reshape(-1, h)  # ((n + 1) * b, h)
+    s = C + torch.arange(t, device=u_new.device).view(1, t, 1)  # the new positions' slots
+    held = torch.arange(capacity, device=u_new.device).view(1, 1, capacity)
+    # over the past's whole capacity (the room gets zero taps), then over the new slots up to each one's own
+    past_taps = _toeplitz_taps(k_rows, pad, s, held, torch.full_like(s, C), n)
+    new_taps = _toeplitz_taps(k_rows, pad, s, s.view(1, 1, t), s + 1, n)
     out = torch.matmul(past_taps, u_past) + torch.matmul(new_taps, u_new.permute(0, 2, 1, 3))
     return out.permute(0, 2, 1, 3)
+
+
+def _toeplitz_taps(
+    k_rows: torch.Tensor, pad: torch.Tensor, s: torch.Tensor, slots: torch.Tensor, bound: torch.Tensor, n: int
+) -> torch.Tensor:
+    """The taps of positions at slots s (1, t, 1) over `slots` (1, 1, m): (b, h, t, m), where
+    tap[b, :, j, m] = k[pad[b] + s_j - m] for pad[b] <= m < bound_j, else the zero row n of k_rows
+    ((n + 1) * b, h), whose row slot * b + r holds row r's kernel values at that slot."""
+    b = pad.shape[0]
+    p = pad.view(b, 1, 1)
+    lag = torch.where((slots >= p) & (slots < bound), p + s - slots, n)  # (b, t, m)
+    at = lag * b + torch.arange(b, device=pad.device).view(b, 1, 1)
+    # a lookup of whole rows: one Gather in ONNX (indexing made a slower GatherND), and no flat index of
+    # b * t * t for the new slots, a symbolic pow ExecuTorch cannot size
+    return torch.nn.functional.embedding(at, k_rows).permute(0, 3, 1, 2)
 
 
 def continuation_inputs(

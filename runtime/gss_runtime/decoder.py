@@ -54,6 +54,20 @@ PREFILL_CHUNK = 256
 # value): u head-major over the caller's whole buffer; exports without it (u slot-major) are refused
 PAST_LAYOUT = "u_head_major"
 
+# room past an appended state's filled slots: a step multiplies u's whole buffer, and its untouched zero pages
+# cost about what filled slots do (one row after 128 tokens, dim 512: 1.10x a step's time with 1,000 slots of
+# room, 1.53x with 4,000, 2.95x with 16,000; 1.15x with 4,000 after 16,000 tokens), so room is kept to an
+# eighth of the slots, at least ROOM_MIN: a step reads at most an eighth more than the state, and the state is
+# copied once per slots / 8 tokens
+ROOM_MIN = 256
+ROOM_SHARE = 8
+
+
+def headroom(slots: int, wanted: int | None = None) -> int:
+    """Free slots to keep past `slots` filled ones for `wanted` tokens to come (None: as many as are kept)."""
+    most = max(ROOM_MIN, slots // ROOM_SHARE)
+    return most if wanted is None else min(max(wanted, 0), most)
+
 
 def _at(a: np.ndarray, slots, rows) -> tuple:
     """The index of `slots` (a slice) of `rows` in an appended state's buffer: u (rows, heads, slots, d) or k (slots, rows, heads)."""
@@ -74,11 +88,11 @@ class _Slots:
 
     Growth copies every filled slot into new buffers, a stall that grows with the context (363 ms after a
     16,384-token prompt at dim 512, against 17 ms for a step). So whoever knows how many tokens are to
-    come reserves them at once (`room`: prefill, feed, rows, repack's `spare`; the Generator and gss-serve
-    always do) and steps then never grow the buffers. A feed past the reserve doubles the capacity (at
-    least 64 slots), never beyond max_seq_len: amortised one copy per token, memory at most twice the
-    state's. The room is zeros that a step reads but that never enter a result; untouched, they cost no
-    memory (the kernel's zero page) and little time.
+    come reserves room for them (`room`: prefill, feed, rows, repack's `spare`), which is honoured exactly.
+    The room is zeros that a step multiplies (u's whole buffer goes in), and untouched zero pages cost a
+    step about what filled slots do, so the Generator reserves at most `headroom` (an eighth of the
+    context, at least 256 slots), and a feed past the capacity grows it by that much: one copy of the
+    state per context / 8 tokens. gss-serve reserves each batch's whole extent, which its budget counts.
     """
 
     def __init__(self, arrays: list[np.ndarray], filled: int):
@@ -105,11 +119,11 @@ class _Slots:
 
     def reserve(self, slots: int, limit: int, room: int = 0) -> None:
         """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
-        fewer (never past `limit`, the most slots a row can fill)."""
+        fewer (never past `limit`, the most slots a row can fill); with no room said, growth adds `headroom`."""
         capacity = min(slots + max(room, 0), max(limit, slots))
         if capacity > self.capacity:
-            if room <= 0:  # nothing reserved: double
-                capacity = min(max(slots, 2 * self.capacity, 64), max(limit, slots))
+            if room <= 0:
+                capacity = min(slots + headroom(slots), max(limit, slots))
             self.arrays = self.copy(self.filled, capacity).arrays
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import Decoder, DecoderState
+from .decoder import Decoder, DecoderState, headroom
 from .errors import RuntimeInputError
 from .tokenizer import vocabulary_for
 from .vocabulary import NoTextMapping, StopText
@@ -237,8 +237,10 @@ class Generator:
         rngs = [np.random.default_rng(seed) for _ in batch]  # one stream per row: batching does not change draws
 
         start = time.perf_counter()
-        # room for every token still to be fed (all but the last sampled): steps then never grow the state
-        logits, state = self.decoder.prefill(batch, room=max(max_new_tokens - 1, 0))
+        # room for the tokens still to be fed (all but the last sampled), up to the headroom a step reads cheaply:
+        # the first steps never grow the state, and later growth copies it once per context / 8 tokens
+        longest = max(len(p) for p in batch)
+        logits, state = self.decoder.prefill(batch, room=headroom(longest, max_new_tokens - 1))
         result.prefill_seconds = time.perf_counter() - start
         cap = limit if bounded and on_limit == "stop" else None
         rows = [RowProgress(len(p), max_new_tokens, eos_id, stops, cap, made) for p, made in zip(batch, result.tokens)]
@@ -259,10 +261,10 @@ class Generator:
                 to_come = max(max_new_tokens - rows[r].sampled for r in active[keep])  # this step's token included
                 if bounded:  # never past max_seq_len
                     to_come = min(to_come, limit - int(state.tokens[keep].max()))
-                active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep), spare=max(to_come, 0))
+                active, tokens, state = active[keep], tokens[keep], state.rows(np.array(keep), spare=headroom(state.length, to_come))
             if bounded and int(state.tokens.max()) >= limit:  # on_limit == "slide": re-read each row's last window
                 logits, state = self.decoder.prefill([(batch[r] + result.tokens[r])[-limit:] for r in active],
-                                                     room=max(max_new_tokens - rows[r].sampled - 1 for r in active))
+                                                     room=headroom(limit, max(max_new_tokens - rows[r].sampled - 1 for r in active)))
             else:
                 logits, state = self.decoder.step(tokens, state)
             result.steps += 1
