@@ -153,6 +153,41 @@ class Collector:
                 self.done.release()
 
 
+
+def test_a_long_completion_keeps_little_room_and_stays_exact(folders, monkeypatch):
+    """A batch keeps `headroom` free slots, not every slot its rows may feed (a step multiplies the room too),
+    and its buffers grow by as much, within what its rows may still feed, when the room runs out: 299 feeds
+    after a 150-token prompt make one growth. The budget counts the whole extent, which the buffers never
+    pass; the tokens are the solo run's."""
+    from gss_runtime import Decoder
+    from gss_runtime.decoder import _Slots, headroom
+    from gss_runtime.serve.engine import Completion, Engine, Request
+
+    decoder = Decoder(folders["dsconv"], provider="cpu", threads=1)
+    capacities, reserve = [], _Slots.reserve
+
+    def spy(slots, needed, *args):
+        reserve(slots, needed, *args)
+        capacities.append((needed, slots.capacity))
+
+    monkeypatch.setattr(_Slots, "reserve", spy)
+    engine = Engine(decoder, max_batch=4, prefix_cache_memory=None, state_memory=1 << 30).start()
+    seen = Collector(engine)
+    prompt = list(LONG_PROMPT[:150])
+    try:
+        engine.submit([Request(Completion(prompt, 300), seen, tag=0)])
+        assert seen.done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    assert all(needed <= capacity <= needed + headroom(needed) for needed, capacity in capacities), capacities
+    grown = sorted({capacity for needed, capacity in capacities if needed > 2})  # (not the engine's probe of a step)
+    assert grown == [151 + 256, 151 + 299], grown  # the prefill's, then one growth, to no more than the budget counts
+    reserved, held, _ = zip(*seen.held)
+    assert max(reserved) == (151 + 299) * decoder.config["depth"] * (128 + 4) * 4  # the budget: every slot it may fill
+    assert all(h <= r for r, h in zip(reserved, held)) and min(held) < max(reserved)
+    assert seen.tokens[0] == greedy_alone(decoder, prompt, 300)
+
 def test_the_state_budget_holds_and_every_row_is_exact(folders):
     """GatedDsConvLM under a budget that fits two long requests: what the batches can reach never passes the
     budget, what they hold never passes that, requests wait instead, and every one gets its solo tokens."""

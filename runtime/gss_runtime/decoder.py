@@ -55,8 +55,8 @@ PREFILL_CHUNK = 256
 PAST_LAYOUT = "u_head_major"
 
 # room past an appended state's filled slots: a step multiplies u's whole buffer, and its untouched zero pages
-# cost about what filled slots do (one row after 128 tokens, dim 512: 1.10x a step's time with 1,000 slots of
-# room, 1.53x with 4,000, 2.95x with 16,000; 1.15x with 4,000 after 16,000 tokens), so room is kept to an
+# cost about what filled slots do (one row after 128 tokens, dim 512: 1.18x a step's time with 1,000 slots of
+# room, 1.48x with 4,000, 2.92x with 16,000; 1.15x with 4,000 after 16,000 tokens), so room is kept to an
 # eighth of the slots, at least ROOM_MIN: a step reads at most an eighth more than the state, and the state is
 # copied once per slots / 8 tokens
 ROOM_MIN = 256
@@ -90,9 +90,9 @@ class _Slots:
     16,384-token prompt at dim 512, against 17 ms for a step). So whoever knows how many tokens are to
     come reserves room for them (`room`: prefill, feed, rows, repack's `spare`), which is honoured exactly.
     The room is zeros that a step multiplies (u's whole buffer goes in), and untouched zero pages cost a
-    step about what filled slots do, so the Generator reserves at most `headroom` (an eighth of the
-    context, at least 256 slots), and a feed past the capacity grows it by that much: one copy of the
-    state per context / 8 tokens. gss-serve reserves each batch's whole extent, which its budget counts.
+    step about what filled slots do, so the Generator and gss-serve reserve at most `headroom` (an eighth
+    of the context, at least 256 slots), and a feed past the capacity grows it by that much: one copy of
+    the state per context / 8 tokens, a layer at a time (the transient is one layer's buffers).
     """
 
     def __init__(self, arrays: list[np.ndarray], filled: int):
@@ -117,14 +117,17 @@ class _Slots:
             arrays.append(new)
         return _Slots(arrays, slots)
 
-    def reserve(self, slots: int, limit: int, room: int = 0) -> None:
+    def reserve(self, slots: int, limit: int, room: int | None = None) -> None:
         """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
-        fewer (never past `limit`, the most slots a row can fill); with no room said, growth adds `headroom`."""
-        capacity = min(slots + max(room, 0), max(limit, slots))
+        fewer (never past `limit`, the most slots a row can fill); with no room said (None), growth adds
+        `headroom`."""
+        capacity = min(slots + max(room or 0, 0), max(limit, slots))
         if capacity > self.capacity:
-            if room <= 0:
+            if room is None:
                 capacity = min(slots + headroom(slots), max(limit, slots))
-            self.arrays = self.copy(self.filled, capacity).arrays
+            for i, a in enumerate(self.arrays):  # a layer at a time: the old buffer goes before the next is made
+                self.arrays[i] = _with_capacity(a, capacity)
+                self.arrays[i][_at(a, slice(0, self.filled), slice(None))] = a[_at(a, slice(0, self.filled), slice(None))]
 
 
 @dataclass(frozen=True)
@@ -330,13 +333,14 @@ class Decoder:
         u = [np.zeros((b, heads, 1, c["dim_dsconv"] // heads), np.float32) for _ in range(c["depth"])]
         return DecoderState(pad, 1, _Slots(u + [np.zeros((1, b, heads), np.float32) for _ in range(c["depth"])], 1))
 
-    def feed(self, input_ids, state: DecoderState, whole: bool | None = None, room: int = 0) -> tuple[np.ndarray, DecoderState]:
+    def feed(self, input_ids, state: DecoderState, whole: bool | None = None, room: int | None = None) -> tuple[np.ndarray, DecoderState]:
         """input_ids (b, t) for slots length..length+t-1 -> logits (b, t, num_tokens), new state.
 
         whole: run prefill.onnx (True) or decoder.onnx (False); by default prefill.onnx for more
         than the export's prefill_above tokens when the export has it.
         room: free slots to have past the new ones, for the tokens still to come (an appended state's
-        buffers are grown to hold them now, so later feeds copy nothing; a recurrent state ignores it).
+        buffers are grown to hold them now, so later feeds copy nothing; a recurrent state ignores it);
+        None: nothing said, and buffers that must grow get `headroom`.
         """
         ids = check_ids(input_ids, self.config)
         t, limit = ids.shape[1], self.config["max_seq_len"]
@@ -418,7 +422,8 @@ class Decoder:
             length = 0
         return check_ids(prompt, {**self.config, "max_seq_len": length}, one_sequence=True)[0]
 
-    def step(self, tokens, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
-        """One new token per row (b,) -> logits (b, num_tokens) for the token after it, and the state."""
-        logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state)
+    def step(self, tokens, state: DecoderState, room: int | None = None) -> tuple[np.ndarray, DecoderState]:
+        """One new token per row (b,) -> logits (b, num_tokens) for the token after it, and the state
+        (room: feed's, free slots to have past this one if the buffers must grow now)."""
+        logits, state = self.feed(np.asarray(tokens, np.int64).reshape(-1, 1), state, room=room)
         return logits[:, 0], state

@@ -1,12 +1,13 @@
 """What a running request's decoder state can cost, known before it is admitted.
 
-GatedDsConvLM appends one slot per token to every row of its batch (slot-major buffers, rows
+GatedDsConvLM appends one slot per token to every row of its batch (buffers with a slot axis, rows
 right-aligned, so every row of a batch spans the batch's slots); a batch's state can grow to
 
     rows * (slots now + the most tokens any of its rows may still feed) * bytes per row and slot
 
-and the engine allocates exactly that when it forms the batch, so the state never grows (copies)
-while it runs. The recurrent families hold a fixed state per row: rows * bytes per row.
+and that is what admission counts. The buffers hold less: the filled slots and a headroom (at most an
+eighth of them, at least 256 slots; a step multiplies the room too), grown by as much, a layer at a time,
+when it runs out, so they never exceed the count by more than one layer's transient. The recurrent families hold a fixed state per row: rows * bytes per row.
 
 Each row also costs a step working memory (onnxruntime's intermediates, which its arena keeps:
 for GatedStateSpacesLM about twice the row's state: the new state and a state-sized buffer), measured
