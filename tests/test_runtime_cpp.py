@@ -56,6 +56,15 @@ def test_incremental_greedy_equals_eager(exe, model_pt, lang_reference):
     assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "incremental", "prompt": "step", "family": "dsconv"}
 
 
+
+def test_a_long_generation_grows_its_room_and_stays_exact(exe, model_pt, example_upstream):
+    """600 tokens after a short prompt: the state keeps 256 slots of room past the prompt (a step multiplies
+    the room too) and grows by as much twice; the tokens are eager's."""
+    ids = ",".join(map(str, LANG_PROMPT))
+    proc = run([exe, model_pt, "--prompt-ids", ids, "--max-new-tokens", "600", "--threads", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == eager_greedy(example_upstream, LANG_PROMPT, 600)
+
 def test_full_recompute_and_model_file_path_agree(exe, model_pt, lang_reference):
     result = generate(exe, model_pt / "model.pt", "--full-recompute")
     assert result == {"tokens": lang_reference, "format": "torchscript", "decoding": "full-recompute", "prompt": "forward", "family": "dsconv"}

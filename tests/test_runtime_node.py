@@ -56,6 +56,14 @@ def test_node_long_prompt_goes_through_prefill(node, example_onnx, long_referenc
     assert json.loads(proc.stdout) == {**as_bytes(long_reference), "prompt": "prefill", "family": "dsconv"}
 
 
+
+def test_node_long_generation_grows_its_room_and_stays_exact(node, example_onnx, example_upstream):
+    """600 tokens after a short prompt: the state keeps 256 slots of room past the prompt (a step multiplies
+    the room too), grows by as much twice, head by head for u, and the tokens are eager's."""
+    proc = generate(node, example_onnx, "--prompt-ids", ids(LANG_PROMPT), "--max-new-tokens", 600, "--threads", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == eager_greedy(example_upstream, LANG_PROMPT, 600)
+
 def test_node_without_prefill_chunks_the_prompt(node, example_onnx, tmp_path):
     """An export without prefill.onnx (made before it existed): the prompt in chunks of 256 through
     decoder.onnx, the same tokens as the Python runtime."""

@@ -43,6 +43,14 @@ struct UsageError : std::runtime_error {
 constexpr int64_t kPrefillAbove = 128;
 constexpr const char* kPastLayout = "u_head_major";  // config.json's past_layout for a head-major appended past (decoder_io.py)
 constexpr int64_t kPrefillChunk = 256;  // without prefill: keeps each chunk's (t, context + t) kernel taps cache-sized
+// as gss_runtime.decoder's headroom: a step multiplies u's whole buffer, and untouched room costs about what
+// filled slots do, so the room past the filled slots is at most an eighth of them (at least kRoomMin)
+constexpr int64_t kRoomMin = 256;
+constexpr int64_t kRoomShare = 8;
+
+int64_t headroom(int64_t slots, int64_t wanted) {  // free slots to keep past `slots` for `wanted` tokens to come
+  return std::min(std::max<int64_t>(wanted, 0), std::max(kRoomMin, slots / kRoomShare));
+}
 
 // A loaded model behind one interface. step's and prefill's inputs and outputs are flat, in the ONNX
 // decoder's order: "append" (input_ids, pad, past_u.0.., past_k.0..) -> (logits, new_u.0.., new_k.0..);
@@ -192,7 +200,7 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
   return logits.select(1, logits.size(1) - 1).argmax(-1).item<int64_t>();
 }
 
-// The decoder's state for one row. "append": buffers for the whole run, u head-major (1, heads,
+// The decoder's state for one row. "append": buffers with room for headroom() more slots, u head-major (1, heads,
 // capacity, head_dim), k slot-major (capacity, 1, heads), `filled` slots in use; slot 0 is padding
 // (pad = 1 says position 0 is slot 1): the exported steps take a past of at least one slot. u goes in
 // whole (its room is zeros, never read into a result: the step reads the buffer as it lies), k as a
@@ -201,7 +209,8 @@ int64_t argmax_last(const torch::Tensor& logits) {  // logits (1, t, num_tokens)
 class Decoder {
  public:
   Decoder(const Model& m, int64_t capacity)
-      : step_(m.step), prefill_(m.prefill), replace_(m.state == "replace"), pad_(torch::full({1}, replace_ ? 0 : 1, torch::kInt64)) {
+      : step_(m.step), prefill_(m.prefill), replace_(m.state == "replace"), pad_(torch::full({1}, replace_ ? 0 : 1, torch::kInt64)),
+        max_slots_(m.max_seq_len + 1) {
     if (replace_) {
       std::vector<int64_t> shape{1};
       shape.insert(shape.end(), m.state_shape.begin(), m.state_shape.end());
@@ -218,6 +227,9 @@ class Decoder {
   // ids for the next positions -> logits (1, t, num_tokens); the state moves past them. whole:
   // through prefill (same results, full-sequence cost) instead of step.
   torch::Tensor feed(const std::vector<int64_t>& ids, bool whole = false) {
+    const auto t = static_cast<int64_t>(ids.size());
+    if (!replace_ && filled_ + t > state_[depth_].size(0))  // the room ran out: grow by headroom
+      grow(std::min(filled_ + t + headroom(filled_ + t, max_slots_), max_slots_));
     Tensors in{ids_tensor(ids), pad_};
     for (size_t i = 0; i < state_.size(); ++i)  // u whole, k's filled slots as a view: no copy
       in.push_back(replace_ || static_cast<int64_t>(i) < depth_ ? state_[i] : state_[i].narrow(0, 0, filled_));
@@ -226,7 +238,6 @@ class Decoder {
       state_.assign(out.begin() + 1, out.end());
       return out[0];
     }
-    const auto t = static_cast<int64_t>(ids.size());
     for (size_t i = 0; i < state_.size(); ++i) {
       if (static_cast<int64_t>(i) < depth_) {  // new u entries (t, 1, heads * d) -> slots filled_.. of (1, heads, capacity, d)
         auto& u = state_[i];
@@ -240,18 +251,32 @@ class Decoder {
   }
 
  private:
+  void grow(int64_t capacity) {  // new zeroed buffers of `capacity` slots holding the filled ones (u's slot axis is 2, k's 0)
+    for (size_t i = 0; i < state_.size(); ++i) {
+      const int64_t axis = static_cast<int64_t>(i) < depth_ ? 2 : 0;
+      auto sizes = state_[i].sizes().vec();
+      sizes[axis] = capacity;
+      auto grown = torch::zeros(sizes);
+      grown.narrow(axis, 0, filled_).copy_(state_[i].narrow(axis, 0, filled_));
+      state_[i] = grown;
+    }
+  }
+
   std::function<Tensors(const Tensors&)> step_, prefill_;
   bool replace_;
   torch::Tensor pad_;
   Tensors state_;
   int64_t filled_ = 1;
   int64_t depth_ = 0;  // "append": state_ holds depth_ u buffers, then depth_ k buffers
+  int64_t max_slots_;  // the padding slot and max_seq_len
 };
 
 // How the prompt went in: "prefill" (one call; pieces for a recurrent prompt longer than max_seq_len),
 // "step" (chunks through step) or "forward" (full recompute).
 std::vector<int64_t> generate_incremental(const Model& m, const std::vector<int64_t>& prompt, int64_t max_new, std::string& how) {
-  Decoder decoder(m, m.state == "append" ? static_cast<int64_t>(prompt.size()) + max_new : 0);
+  // room for the prompt and up to headroom() of the tokens after it; the buffers grow by as much when it runs out
+  const auto prompt_slots = static_cast<int64_t>(prompt.size());
+  Decoder decoder(m, m.state == "append" ? prompt_slots + headroom(prompt_slots + 1, max_new) : 0);
   torch::Tensor logits;
   const auto n = static_cast<int64_t>(prompt.size());
   how = decoder.has_prefill() && n > m.prefill_above ? "prefill" : "step";

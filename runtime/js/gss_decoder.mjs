@@ -6,10 +6,11 @@
 // Same algorithm as runtime/gss_runtime/decoder.py (batch 1). config.json's export.decoder says which of two
 // kinds of state the family carries, with the state's names and shapes:
 // - "append" (GatedDsConvLM): per layer u head-major (1, heads, capacity, head_dim) and k slot-major
-//   (slots, 1, heads), in buffers preallocated for the whole run; the graph returns only the new slots'
+//   (slots, 1, heads), in buffers with room for the tokens to come; the graph returns only the new slots'
 //   entries, which we write into them. u goes in whole (its room is zeros, which the step never reads
-//   into a result), k as a subarray view of its filled slots: nothing is copied that grows with the
-//   context. The context is limited by max_seq_len. Exports made before this layout are refused.
+//   into a result), k as a subarray view of its filled slots: no step copies what grows with the
+//   context. The room is headroom() (a step multiplies its zeros too), grown by as much when it runs
+//   out. The context is limited by max_seq_len. Exports made before this layout are refused.
 // - "replace" (GatedStateSpacesLM, GatedExponentialSmoothingLM): per layer one tensor of a fixed shape,
 //   batch first, which the graph returns whole and which replaces the old one; it starts from zeros and the
 //   context is unlimited (only one call's new tokens are limited by max_seq_len).
@@ -24,6 +25,15 @@ const CONFIG_KEYS = ['num_tokens', 'dim', 'depth', 'max_seq_len'];
 const FAMILY_KEYS = { dsconv: ['heads', 'dim_dsconv'], gss: [], mhesa: [] };
 const STATE_KINDS = ['append', 'replace'];
 const PAST_LAYOUT = 'u_head_major'; // config.json's export.decoder.past_layout for the head-major past (decoder_io.py)
+// as gss_runtime.decoder's: a step multiplies u's whole buffer, and untouched room costs about what filled
+// slots do, so room past the filled slots is at most an eighth of them (at least ROOM_MIN)
+const ROOM_MIN = 256;
+const ROOM_SHARE = 8;
+
+/** Free slots to keep past `slots` filled ones for `wanted` tokens to come. */
+function headroom(slots, wanted) {
+  return Math.min(Math.max(wanted, 0), Math.max(ROOM_MIN, Math.floor(slots / ROOM_SHARE)));
+}
 
 /** A bad argument, model folder or prompt: callers show `message` (no stack) and stop. */
 export class GssInputError extends Error {
@@ -152,7 +162,7 @@ export class GssDecoder {
     if (eosId !== null && !(Number.isInteger(eosId) && eosId >= 0 && eosId < this.config.num_tokens)) {
       throw new GssInputError(`eos id ${eosId} is not a token id in [0, ${this.config.num_tokens})`);
     }
-    const state = this.#emptyState(promptIds.length + maxNewTokens);
+    const state = this.#emptyState(promptIds.length, maxNewTokens);
     const whole = this.prefill !== null && promptIds.length > this.prefillAbove;
     this.promptPath = whole ? 'prefill' : 'step';
     // one call takes at most max_seq_len new tokens: only a recurrent state's prompt can be longer than that
@@ -178,13 +188,31 @@ export class GssDecoder {
     }
   }
 
-  /** The state before any token, with room for `tokens` more if it grows. */
-  #emptyState(tokens) {
+  /** The state before any token: room for the prompt, and for up to headroom() of the `more` tokens after it. */
+  #emptyState(prompt, more) {
     if (this.kind === 'replace') return { arrays: this.sizes.map((n) => new Float32Array(n)) }; // zeros
     // one zero padding slot first: onnxruntime dies (SIGFPE) on a zero-length past; pad = [1] says
-    // position 0 is at slot 1, so that slot is never read. Capacity for everything that will be fed.
-    const capacity = 1 + tokens;
+    // position 0 is at slot 1, so that slot is never read
+    const capacity = 1 + prompt + headroom(1 + prompt, more);
     return { filled: 1, capacity, buffers: this.sizes.map((w) => new Float32Array(capacity * w)) };
+  }
+
+  /** Buffers of `capacity` slots holding the filled ones: u head by head (head-major), k as it is. */
+  #grow(state, capacity) {
+    const depth = this.config.depth;
+    state.buffers = state.buffers.map((old, i) => {
+      const grown = new Float32Array(capacity * this.sizes[i]);
+      if (i >= depth) {
+        grown.set(old.subarray(0, state.filled * this.sizes[i]));
+      } else {
+        const [heads, d] = this.shapes[i];
+        for (let h = 0; h < heads; h++) {
+          grown.set(old.subarray(h * state.capacity * d, (h * state.capacity + state.filled) * d), h * capacity * d);
+        }
+      }
+      return grown;
+    });
+    state.capacity = capacity;
   }
 
   /** Feed ids through `session` and update the state with what it returns; the logits after the last id. */
@@ -198,6 +226,8 @@ export class GssDecoder {
       pad: new Tensor('int64', BigInt64Array.of(append ? 1n : 0n), [1]),
     };
     const depth = this.config.depth;
+    const needed = append ? state.filled + ids.length : 0;
+    if (append && needed > state.capacity) this.#grow(state, needed + headroom(needed, Infinity));
     this.pastNames.forEach((name, i) => {
       if (!append) feeds[name] = new Tensor('float32', state.arrays[i], [1, ...this.shapes[i]]);
       else if (i < depth) feeds[name] = new Tensor('float32', state.buffers[i], [1, this.shapes[i][0], state.capacity, this.shapes[i][1]]);
