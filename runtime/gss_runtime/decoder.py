@@ -83,6 +83,13 @@ def _with_capacity(a: np.ndarray, capacity: int, rows: int | None = None) -> np.
     return np.zeros(shape, np.float32)  # calloc: pages the step only reads stay the kernel's shared zero page
 
 
+
+def _first_slots(a: np.ndarray, slots: int, capacity: int) -> np.ndarray:
+    """Buffer `a`'s first `slots` slots in a new zeroed buffer of `capacity` slots."""
+    new = _with_capacity(a, capacity)
+    new[_at(new, slice(0, slots), slice(None))] = a[_at(a, slice(0, slots), slice(None))]
+    return new
+
 class _Slots:
     """Growable buffers, one per state tensor (u head-major, then k slot-major); `filled` slots are in use.
 
@@ -110,12 +117,7 @@ class _Slots:
 
     def copy(self, slots: int, capacity: int | None = None) -> "_Slots":
         """The first `slots` slots in new buffers of `capacity` slots (default: just those)."""
-        arrays = []
-        for a in self.arrays:
-            new = _with_capacity(a, slots if capacity is None else capacity)
-            new[_at(new, slice(0, slots), slice(None))] = a[_at(a, slice(0, slots), slice(None))]
-            arrays.append(new)
-        return _Slots(arrays, slots)
+        return _Slots([_first_slots(a, slots, slots if capacity is None else capacity) for a in self.arrays], slots)
 
     def reserve(self, slots: int, limit: int, room: int | None = None) -> None:
         """Capacity for `slots` slots, and for `room` more when the buffers must grow or were reserved for
@@ -126,8 +128,7 @@ class _Slots:
             if room is None:
                 capacity = min(slots + headroom(slots), max(limit, slots))
             for i, a in enumerate(self.arrays):  # a layer at a time: the old buffer goes before the next is made
-                self.arrays[i] = _with_capacity(a, capacity)
-                self.arrays[i][_at(a, slice(0, self.filled), slice(None))] = a[_at(a, slice(0, self.filled), slice(None))]
+                self.arrays[i] = _first_slots(a, self.filled, capacity)
 
 
 @dataclass(frozen=True)
