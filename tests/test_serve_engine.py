@@ -184,7 +184,8 @@ def test_a_long_completion_keeps_little_room_and_stays_exact(folders, monkeypatc
     grown = sorted({capacity for needed, capacity in capacities if needed > 2})  # (not the engine's probe of a step)
     assert grown == [151 + 256, 151 + 299], grown  # the prefill's, then one growth, to no more than the budget counts
     reserved, held, _ = zip(*seen.held)
-    assert max(reserved) == (151 + 299) * decoder.config["depth"] * (128 + 4) * 4  # the budget: every slot it may fill
+    # the budget: every slot the row may fill (and its step's working memory, which the engine measured)
+    assert max(reserved) == (151 + 299) * decoder.config["depth"] * (128 + 4) * 4 + engine.cost.work_bytes
     assert all(h <= r for r, h in zip(reserved, held)) and min(held) < max(reserved)
     assert seen.tokens[0] == greedy_alone(decoder, prompt, 300)
 
