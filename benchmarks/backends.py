@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import best_of, cpu_name, reference_models
+from common import best_of, cpu_name, reference_models, write_results
 from families import models as family_models
 from gss_export.export import export_model
 from gss_export.tolerances import QUALITY
@@ -176,9 +176,7 @@ def main() -> None:
                 entry["bf16_quality"] = bf16_quality(folder, model)
             results["families"][family] = entry
         print(markdown({**results, "families": {family: entry}}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

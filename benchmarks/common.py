@@ -32,6 +32,14 @@ def timed(fn, min_repeats: int = 3, min_seconds: float = 1.0, max_repeats: int =
     return statistics.median(times)
 
 
+
+def write_results(out: Path, results: dict, markdown: str) -> str:
+    """OUT/results.json (the measurements) and OUT/results.md (`markdown`, their table); returns `markdown`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown)
+    return markdown
+
 def best_of(fn, repeats: int) -> float:
     """Seconds: the best of `repeats` runs after one warm-up (one long run is seconds; the minimum is the least noisy)."""
     fn()

@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from common import REFERENCE, cpu_name, session_options, timed
+from common import REFERENCE, cpu_name, session_options, timed, write_results
 from families import CONFIGS, models
 from gss_export.export import export_model
 from gss_runtime.decoder import Decoder, DecoderState
@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows += measure(decoder, context, batches if context <= 16384 else [1], args.steps, results["bandwidth"]["gbs"], weights)
                 print(json.dumps(rows[-1]), flush=True)
             results["families"][family] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_results(args.out, results, markdown(results)))
 
 
 if __name__ == "__main__":

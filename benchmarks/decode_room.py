@@ -18,7 +18,6 @@ to ONNX. Writes OUT/results.json and OUT/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_name, reference_models
+from common import cpu_name, reference_models, write_results
 from gss_export.export import export_model
 from gss_runtime.decoder import Decoder
 from gss_runtime.serve import engine as engine_module
@@ -120,10 +119,7 @@ def main() -> None:
         decoder = Decoder(tmp, provider="cpu", threads=args.threads)
         results = {"cpu": cpu_name(), "threads": args.threads, "steps": step_costs(decoder),
                    "serve": serve_costs(decoder, args.streams, args.new_tokens)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_results(args.out, results, markdown(results)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from backends import model_of
-from common import best_of, cpu_name
+from common import best_of, cpu_name, write_results
 from gss_export.export import export_model
 from gss_export.targets.executorch import PteProgram
 from gss_runtime.backends import SPIN_IN_CALL, open_graph
@@ -99,9 +99,7 @@ def main() -> None:
                 "outside_xnnpack": {m: r["outside_xnnpack"] for m, r in settings["lowering"].items()},
             }
         print(markdown({**results, "families": {family: results["families"][family]}}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
 
 
 def markdown(results: dict) -> str:

@@ -19,14 +19,13 @@ Writes OUT/results.json and OUT/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import cpu_name, session_options, timed
+from common import cpu_name, session_options, timed, write_results
 from gss_export.export import export_model
 from gss_export.families import FAMILIES
 from gss_runtime.decoder import Decoder
@@ -119,9 +118,7 @@ def main() -> None:
                 "prompt": prompt_rows(Path(tmp), upstream, lengths, args.threads),
             }
         print(markdown({**results, "families": {family: results["families"][family]}}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
+    write_results(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

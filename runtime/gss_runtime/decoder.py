@@ -83,12 +83,12 @@ def _with_capacity(a: np.ndarray, capacity: int, rows: int | None = None) -> np.
     return np.zeros(shape, np.float32)  # calloc: pages the step only reads stay the kernel's shared zero page
 
 
-
 def _first_slots(a: np.ndarray, slots: int, capacity: int) -> np.ndarray:
     """Buffer `a`'s first `slots` slots in a new zeroed buffer of `capacity` slots."""
     new = _with_capacity(a, capacity)
     new[_at(new, slice(0, slots), slice(None))] = a[_at(a, slice(0, slots), slice(None))]
     return new
+
 
 class _Slots:
     """Growable buffers, one per state tensor (u head-major, then k slot-major); `filled` slots are in use.

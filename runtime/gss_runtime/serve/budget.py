@@ -7,7 +7,8 @@ right-aligned, so every row of a batch spans the batch's slots); a batch's state
 
 and that is what admission counts. The buffers hold less: the filled slots and a headroom (at most an
 eighth of them, at least 256 slots; a step multiplies the room too), grown by as much, a layer at a time,
-when it runs out, so they never exceed the count by more than one layer's transient. The recurrent families hold a fixed state per row: rows * bytes per row.
+when it runs out, never past that count (beside one layer's old buffer while it grows). The recurrent
+families hold a fixed state per row: rows * bytes per row.
 
 Each row also costs a step working memory (onnxruntime's intermediates, which its arena keeps:
 for GatedStateSpacesLM about twice the row's state: the new state and a state-sized buffer), measured
